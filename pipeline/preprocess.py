@@ -3,7 +3,7 @@
 The validation set is held out from the training images by a seeded permutation
 (`preprocess.val_size`, `preprocess.seed` in params.yaml); the test set is untouched.
 Both the training and the validation images keep their original order, so the seed
-decides only which images are held out. The output is written with `np.savez` (no pickle)
+decides only which images are held out. The output is an uncompressed .npz (no pickle), written
 to a temporary name and renamed into place; on any error the previous output is left
 as it was.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
 PROCESSED_FILE = "mnist.npz"
 N_PIXELS = 28 * 28
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can carry
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -97,12 +99,21 @@ def make_splits(raw_dir: Path, val_size: int, seed: int) -> dict[str, np.ndarray
 
 
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write `arrays` with `np.savez` (uncompressed, no pickle) under a temporary name, then
-    rename it to `path`, so that `path` is always either the old file or the whole new one.
+    """Write `arrays` as an uncompressed .npz (what `np.savez` writes, no pickle), atomically.
+
+    The zip entries get a fixed timestamp, which `np.savez` does not allow: the same arrays
+    then give the same bytes, so the file's hash (DVC's, and the data hash tagged on every
+    MLflow run) changes only when the data does.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as handle:
-        np.savez(handle, **arrays)
+    with (
+        atomic_write(path) as handle,
+        zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive,
+    ):
+        for key, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_DATE_TIME)
+            with archive.open(entry, mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
 def _int_param(params: Mapping[str, Any], key: str) -> int:
