@@ -496,9 +496,10 @@ def class_means_and_weights(images: np.ndarray, labels: np.ndarray, weights: np.
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} for {k} weight columns")
     counts = np.bincount(labels, minlength=k)
-    sums = np.zeros((k, N_PIXELS))
-    np.add.at(sums, labels, images.astype(np.float64))
-    means = sums / np.maximum(counts, 1)[:, None]
+    # One-hot rows times the images: one matrix product instead of a slow scatter-add over
+    # the whole training set (50,000 x 784).
+    one_hot = (labels[None, :] == np.arange(k)[:, None]).astype(images.dtype)
+    means = (one_hot @ images).astype(np.float64) / np.maximum(counts, 1)[:, None]
     width, height = _mosaic_inches(k, k)
     fig_width, fig_height = width + 1.0, 2 * height + 0.55
     fig = _new_figure(fig_width, fig_height)
