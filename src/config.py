@@ -1,0 +1,308 @@
+"""Turn a composed Hydra config into checked run settings: validation, params, names, store.
+
+This is the one place that knows the config schema (conf/config.yaml): it refuses a config
+that makes no sense with one clear line (:class:`ConfigError`), flattens the resolved config
+into MLflow params, and names tasks, runs and the default tracking store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from src.training import Schedule, TrainConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("logistic", "softmax")
+SCHEDULES = ("exponential", "constant")
+SCHEDULE_UNITS = ("epoch", "step")
+
+# Every key a job config may hold (after `hydra` is stripped), with its kind. A key outside
+# this map, e.g. from `+foo=1`, is refused like any other unknown key.
+SCHEMA: dict[str, str] = {
+    "lambda": "number",
+    "lr": "number",
+    "seed": "int",
+    "batch_size": "int",
+    "epochs": "int",
+    "evals_per_epoch": "int",
+    "schedule.name": "str",
+    "schedule.decay": "number",
+    "schedule.per": "str",
+    "early_stopping.enabled": "bool",
+    "early_stopping.patience": "int",
+    "limit_train": "int?",
+    "model.name": "str",
+    "model.digits": "list",
+    "data.dir": "str",
+    "mlflow.tracking_uri": "str?",
+    "mlflow.experiment_name": "str?",
+}
+
+# Keys that say where things live rather than what is trained: kept out of MLflow params
+# (absolute paths and store addresses differ between machines and may hold secrets).
+NOT_PARAMS = ("data.dir", "mlflow.tracking_uri", "mlflow.experiment_name")
+
+
+def _register_resolvers() -> None:
+    # `${root:}` is the project root, so paths in conf/ are absolute whatever the cwd.
+    if not OmegaConf.has_resolver("root"):
+        OmegaConf.register_new_resolver("root", lambda: str(PROJECT_ROOT))
+
+
+_register_resolvers()
+
+
+class ConfigError(ValueError):
+    """A config that makes no sense; the message is one user-facing line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one training job needs, checked.
+
+    Attributes
+    ----------
+    model : str
+        "logistic" or "softmax".
+    digits : tuple of int or None
+        (positive, negative) for the logistic model, None for softmax.
+    train : TrainConfig
+        The training loop's settings.
+    limit_train : int or None
+        Use only the first n training images.
+    data_dir : Path
+        Folder holding the processed ``mnist.npz``.
+    tracking_uri : str
+        Where MLflow stores runs.
+    experiment_name : str
+        MLflow experiment of the run.
+    params : dict of str to str
+        The flattened, resolved config as MLflow params.
+    """
+
+    model: str
+    digits: tuple[int, int] | None
+    train: TrainConfig
+    limit_train: int | None
+    data_dir: Path
+    tracking_uri: str
+    experiment_name: str
+    params: dict[str, str]
+
+    @property
+    def task(self) -> str:
+        """The task name, e.g. ``logistic-2v3`` or ``softmax``."""
+        return task_name(self.model, self.digits)
+
+    @property
+    def labels(self) -> list[int]:
+        """The digits the model predicts, in the order of its classes (label 0 first)."""
+        if self.digits is None:
+            return list(range(10))
+        positive, negative = self.digits
+        return [negative, positive]
+
+
+def task_name(model: str, digits: tuple[int, int] | None) -> str:
+    """Name a task: ``logistic-2v3`` for the digits (2, 3), ``softmax`` for ten digits."""
+    if model == "logistic" and digits is not None:
+        return f"logistic-{digits[0]}v{digits[1]}"
+    return model
+
+
+def to_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved job config as plain Python data, without Hydra's own node."""
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        data = dict(cfg)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return data
+
+
+def config_yaml(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """The resolved job config as YAML (the run's ``config/config.yaml`` artifact), without
+    the tracking URI, which may hold credentials."""
+    data = to_container(cfg)
+    if isinstance(data.get("mlflow"), dict):
+        data["mlflow"].pop("tracking_uri", None)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys: ``{"schedule": {"decay": 0.1}}`` gives
+    ``{"schedule.decay": 0.1}``. Lists stay values. The one place that flattens config."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (Mapping, DictConfig)):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, (list, ListConfig)) else value
+    return flat
+
+
+def _fail(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key}={_show(value)} is refused: {why}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _check_kind(key: str, value: Any, kind: str) -> None:
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None:
+        if optional:
+            return
+        raise _fail(key, value, "a value is required")
+    ok = {
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
+    }[kind]
+    if not ok:
+        article = "an" if kind == "int" else "a"
+        raise _fail(key, value, f"expected {article} {'integer' if kind == 'int' else kind}")
+    if kind == "number" and not math.isfinite(value):
+        raise _fail(key, value, "expected a finite number")
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the SQLite store at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def validate(cfg: DictConfig | Mapping[str, Any]) -> Settings:
+    """Check a composed config and turn it into :class:`Settings`.
+
+    Parameters
+    ----------
+    cfg : DictConfig or mapping
+        The job config as Hydra composes it (the ``hydra`` node, if any, is ignored).
+
+    Returns
+    -------
+    Settings
+        The checked settings.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the first offending key and its value.
+    """
+    flat = flatten(to_container(cfg))
+    for key in flat:
+        if key not in SCHEMA:
+            raise ConfigError(
+                f"unknown key '{key}' (the keys are listed by `python -m src.train --cfg job`)"
+            )
+    for key, kind in SCHEMA.items():
+        if key == "model.digits":
+            continue  # only the logistic model has digits; checked below
+        _check_kind(key, flat.get(key), kind)
+
+    model = flat["model.name"]
+    if model not in MODELS:
+        raise _fail("model.name", model, f"unknown model (choose from {', '.join(MODELS)})")
+    digits: tuple[int, int] | None = None
+    if model == "logistic":
+        raw = flat.get("model.digits")
+        if (
+            not isinstance(raw, list)
+            or len(raw) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw)
+        ):
+            raise _fail("model.digits", raw, "expected two digits, e.g. [2, 3]")
+        if not all(0 <= d <= 9 for d in raw):
+            raise _fail("model.digits", raw, "digits must lie in 0..9")
+        if raw[0] == raw[1]:
+            raise _fail("model.digits", raw, "the two digits must differ")
+        digits = (raw[0], raw[1])
+    elif "model.digits" in flat:
+        raise ConfigError("unknown key 'model.digits' (only the logistic model has digits)")
+
+    checks = [
+        ("lambda", flat["lambda"] >= 0, "the L2 strength must be >= 0"),
+        ("lr", flat["lr"] > 0, "the learning rate must be > 0"),
+        ("batch_size", flat["batch_size"] >= 1, "the batch size must be >= 1"),
+        ("epochs", flat["epochs"] >= 1, "at least one epoch is needed"),
+        ("evals_per_epoch", flat["evals_per_epoch"] >= 1, "at least one evaluation per epoch"),
+        ("seed", flat["seed"] >= 0, "the seed must be >= 0"),
+        ("schedule.name", flat["schedule.name"] in SCHEDULES, f"choose from {SCHEDULES}"),
+        ("schedule.per", flat["schedule.per"] in SCHEDULE_UNITS, f"choose from {SCHEDULE_UNITS}"),
+        ("schedule.decay", flat["schedule.decay"] >= 0, "the decay must be >= 0"),
+        ("early_stopping.patience", flat["early_stopping.patience"] >= 1, "must be >= 1"),
+        (
+            "limit_train",
+            flat["limit_train"] is None or flat["limit_train"] >= 1,
+            "the training-set limit must be >= 1 (or null for all)",
+        ),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise _fail(key, flat[key], why)
+
+    train = TrainConfig(
+        lr=float(flat["lr"]),
+        l2=float(flat["lambda"]),
+        batch_size=flat["batch_size"],
+        epochs=flat["epochs"],
+        schedule=Schedule(
+            name=flat["schedule.name"],
+            decay=float(flat["schedule.decay"]),
+            per=flat["schedule.per"],
+        ),
+        evals_per_epoch=flat["evals_per_epoch"],
+        early_stopping=flat["early_stopping.enabled"],
+        patience=flat["early_stopping.patience"],
+        seed=flat["seed"],
+    )
+    params = {
+        key: _show(value)
+        for key, value in flat.items()
+        if key not in NOT_PARAMS
+    }
+    tracking_uri = flat["mlflow.tracking_uri"] or default_tracking_uri()
+    experiment_name = flat["mlflow.experiment_name"] or task_name(model, digits)
+    return Settings(
+        model=model,
+        digits=digits,
+        train=train,
+        limit_train=flat["limit_train"],
+        data_dir=Path(flat["data.dir"]),
+        tracking_uri=tracking_uri,
+        experiment_name=experiment_name,
+        params=params,
+    )
+
+
+# Overrides that say where things live or what the run name already says.
+_NOT_IN_RUN_NAME = ("lambda", "lr", "model", "model.name", "experiment", "data.dir")
+
+
+def run_name(settings: Settings, overrides: Sequence[str] = ()) -> str:
+    """Name a run by what differs: ``softmax lambda=0.01 lr=0.5`` plus any other override
+    given on the command line or by the sweep (``seed=1``, ``epochs=5`` ...)."""
+    parts = [settings.task, f"lambda={settings.params['lambda']}", f"lr={settings.params['lr']}"]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in _NOT_IN_RUN_NAME or key.startswith(("hydra", "mlflow", "data.")):
+            continue
+        parts.append(f"{key}={value}")
+    return " ".join(parts)

@@ -1,0 +1,64 @@
+"""The served model: MLflow loads this file ("models from code") to predict digits from pixels.
+
+No pickle anywhere: the learned arrays travel as the ``weights`` artifact (an ``.npz`` file
+written by :func:`src.tracking.log_model`), and this file rebuilds the model from them with
+the same classes that trained it. ``mlflow.pyfunc.load_model(uri).predict(rows)`` takes
+rows of 784 pixel values in 0..255, as a user would send them, and returns digit labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+from src.models import LogisticRegression, SoftmaxRegression
+
+N_PIXELS = 784
+
+
+def load_weights(path: str) -> tuple[LogisticRegression | SoftmaxRegression, np.ndarray]:
+    """Rebuild a trained model from its ``.npz`` file.
+
+    Returns
+    -------
+    model : LogisticRegression or SoftmaxRegression
+        With the saved ``weights`` (784,) or (784, k) and ``bias``.
+    labels : ndarray of shape (n_classes,)
+        The digit each class index stands for (``[negative, positive]`` for the binary model).
+    """
+    with np.load(path, allow_pickle=False) as saved:
+        weights, bias, labels = saved["weights"], saved["bias"], saved["labels"]
+    if weights.ndim == 1:
+        model: LogisticRegression | SoftmaxRegression = LogisticRegression(n_features=N_PIXELS)
+        model.bias = float(bias)
+    else:
+        model = SoftmaxRegression(n_features=N_PIXELS, n_classes=weights.shape[1])
+        model.bias = bias
+    model.weights = weights
+    return model, labels
+
+
+class DigitClassifier(PythonModel):
+    """Predicts digit labels from rows of 784 pixel values (0..255)."""
+
+    def load_context(self, context: Any) -> None:
+        self.model, self.labels = load_weights(context.artifacts["weights"])
+
+    # No type hints on predict: MLflow would read them as an input schema; the signature
+    # logged with the model says what goes in (rows of 784 numbers) and out (digits).
+    def predict(self, context, model_input, params=None):
+        """Digit labels, shape (n_rows,), for ``model_input`` of shape (n_rows, 784)."""
+        pixels = np.asarray(model_input, dtype=np.float32)
+        if pixels.ndim == 1:
+            pixels = pixels[np.newaxis, :]
+        if pixels.ndim != 2 or pixels.shape[1] != N_PIXELS:
+            raise ValueError(f"expected rows of {N_PIXELS} pixel values, got shape {pixels.shape}")
+        # the model was trained on pixels scaled to [0, 1] (src.data)
+        classes = self.model.predict(pixels / np.float32(255.0))
+        return self.labels[classes]
+
+
+mlflow.models.set_model(DigitClassifier())

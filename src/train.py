@@ -1,0 +1,236 @@
+"""Train one model per Hydra job and track it in MLflow: ``python -m src.train [-m] key=value``.
+
+    python -m src.train                                # the default: logistic, 2 against 3
+    python -m src.train model=softmax lambda=0.01      # one run
+    python -m src.train -m lambda=0,0.01,0.1           # a sweep: one parent run, three children
+    python -m src.train --cfg job                      # the composed config; --help lists groups
+
+A refused config or missing data stops with one ``error: ...`` line on stderr and a
+non-zero exit, before any MLflow run exists. A job that fails (divergence, bad data) ends
+its run FAILED with the reason as the ``error`` tag; in a sweep the other jobs still run and
+the command exits non-zero at the end. Ctrl-C ends the active runs KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from src import sweep, tracking
+from src.config import ConfigError, Settings, config_yaml, run_name, validate
+from src.data import DataError, Splits, binary_task, data_hash, limit_train, load_processed
+from src.models import LogisticRegression, SoftmaxRegression
+from src.training import Callback, DivergenceError, Evaluation, TrainResult, train
+
+log = logging.getLogger("src.train")
+
+# Failures a user can cause: reported on one line, without a traceback.
+USER_ERRORS = (ConfigError, DataError, DivergenceError)
+EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def load_splits(settings: Settings) -> Splits:
+    """The task's data: the two digits (label 1 = the first) or all ten, then the limit."""
+    splits = load_processed(settings.data_dir)
+    if settings.digits is not None:
+        splits = binary_task(splits, positive=settings.digits[0], negative=settings.digits[1])
+    return limit_train(splits, settings.limit_train)
+
+
+def build_model(settings: Settings) -> LogisticRegression | SoftmaxRegression:
+    """A fresh (zero) model for the task."""
+    if settings.model == "logistic":
+        return LogisticRegression(n_features=784)
+    return SoftmaxRegression(n_features=784, n_classes=10)
+
+
+class Progress(Callback):
+    """One progress bar over the epochs on a terminal; silent otherwise."""
+
+    def __init__(self, epochs: int, description: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=epochs,
+            desc=description,
+            unit="epoch",
+            disable=not sys.stderr.isatty(),
+            leave=True,
+        )
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        done = int(evaluation.epoch + 1e-9)
+        if done > self.bar.n:
+            m = evaluation.metrics
+            self.bar.set_postfix(
+                train_loss=f"{m['train/loss']:.4f}",
+                val_loss=f"{m['val/loss']:.4f}",
+                val_acc=f"{m['val/accuracy']:.4f}",
+                refresh=False,
+            )
+            self.bar.update(done - self.bar.n)
+
+    def on_end(self, result: TrainResult) -> None:
+        self.bar.close()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message, or its type when it has none."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | None) -> dict:
+    """Tags of a job's run: git commit, data hash, overrides, task."""
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "data_hash": data_hash(settings.data_dir),
+        "overrides": " ".join(overrides) or "(none)",
+        "task": settings.task,
+    }
+    if experiment:
+        tags["experiment"] = experiment
+    return tags
+
+
+def run_job(cfg: DictConfig) -> dict[str, float] | None:
+    """Train and track one job; returns its final metrics, or None if it failed in a sweep.
+
+    In a single run, a failure is raised (after the run ended FAILED); in a sweep it is
+    recorded and the next job goes on, so that Hydra reaches the end of the sweep.
+    """
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    settings = validate(cfg)  # in a sweep, the callback has already checked every job
+    parent = tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None
+    name = run_name(settings, overrides)
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    try:
+        splits = load_splits(settings)
+        tags = job_tags(settings, overrides, experiment)
+    except DataError as error:
+        if not multirun:
+            raise
+        tracking.failed_run(
+            settings.tracking_uri, settings.experiment_name, name, {}, one_line(error), parent
+        )
+        log.error("job %s failed: %s", name, one_line(error))
+        return None
+
+    log.info("training %s (%d training images)", name, len(splits.train))
+    job = tracking.JobRun(settings, name, tags, parent)
+    progress = Progress(settings.train.epochs, name)
+    try:
+        result = train(build_model(settings), splits, settings.train, [job.metrics, progress])
+        progress.close()
+        job.log_result(result, splits, config_yaml(cfg))
+    except KeyboardInterrupt:
+        progress.close()
+        job.end(tracking.KILLED, "interrupted")
+        raise
+    except Exception as error:
+        progress.close()
+        job.end(tracking.FAILED, one_line(error))
+        if not multirun:
+            raise
+        if isinstance(error, USER_ERRORS):
+            log.error("job %s failed: %s", name, one_line(error))
+        else:  # a bug: keep the traceback in the job's log
+            log.exception("job %s failed", name)
+        return None
+    job.end(tracking.FINISHED)
+    final = result.final
+    log.info(
+        "%s: val accuracy %.4f, test accuracy %.4f (MLflow run %s)",
+        name,
+        final.get("final/val_accuracy", float("nan")),
+        final.get("final/test_accuracy", float("nan")),
+        job.run_id,
+    )
+    return final
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> dict[str, float] | None:
+    """The Hydra task: one job."""
+    return run_job(cfg)
+
+
+def hydra_error_line(error: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line errors as one line a user can act on."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        options = ", ".join(error.options or [])
+        if group:
+            return f"{group}={option} is unknown (choose from {options})"
+        return f"config '{option}' not found"
+    cause = error.__cause__
+    key = getattr(cause, "full_key", None) or getattr(error, "full_key", None)
+    text = one_line(error)
+    if cause is not None and "not in struct" in str(cause) and key:
+        return (
+            f"unknown key '{key}' (the keys are listed by `python -m src.train --cfg job`)"
+        )
+    if cause is not None:
+        text = f"{text} {one_line(cause)}"
+    return text
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> Any:
+    # SIGTERM (a scheduler, `kill`) ends the runs the same way Ctrl-C does
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: run Hydra, turn its errors into one line, close any open sweep parent."""
+    # Hydra re-raises errors to us whole instead of printing them over several lines.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        sweep.close_active(interrupted=True)
+        print("error: interrupted; the active MLflow runs ended KILLED", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except USER_ERRORS as error:
+        sweep.close_active(interrupted=False)
+        code = EXIT_REFUSED if isinstance(error, ConfigError) else EXIT_FAILED
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(code)
+    except (HydraException, OmegaConfBaseException) as error:
+        sweep.close_active(interrupted=False)
+        print(f"error: {hydra_error_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
+    except BaseException:
+        sweep.close_active(interrupted=False)
+        raise
+    active = sweep.ACTIVE
+    if active is not None and active.summary is not None and active.summary.n_failed:
+        summary = active.summary
+        print(
+            f"error: {summary.n_failed} of {summary.n_jobs} jobs failed "
+            f"(first: {summary.first_error}); see the parent run {active.parent.run_id}",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()
