@@ -1,0 +1,353 @@
+"""Mini-batch gradient descent for the numpy models: schedule, evaluation, early stopping.
+
+One loop, top to bottom, in the manner of nanoGPT's train.py: each epoch draws a seeded
+permutation of the training set, walks it in mini-batches, takes a gradient step, and
+every so often evaluates on train/val/test and hands the figures to the callbacks. The
+learning rate is a pure function of the step; the best-validation weights are kept by a
+plain comparison. Nothing here knows about MLflow, Hydra or plotting: tracking and
+progress bars plug in through :class:`Callback`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from src.data import Dataset, Splits
+
+SCHEDULES = ("constant", "exponential")
+SCHEDULE_UNITS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the learning rate decays: ``lr0`` (constant) or ``lr0 * exp(-decay * t)``.
+
+    Attributes
+    ----------
+    name : {"exponential", "constant"}
+    decay : float
+        k in ``lr0 * exp(-k * t)``, >= 0 (ignored by "constant").
+    per : {"epoch", "step"}
+        What t counts: completed epochs (the rate is constant within an epoch) or
+        completed mini-batch updates.
+    """
+
+    name: str = "exponential"
+    decay: float = 0.1
+    per: str = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule name must be one of {SCHEDULES}, got {self.name!r}")
+        if self.per not in SCHEDULE_UNITS:
+            raise ValueError(f"schedule per must be one of {SCHEDULE_UNITS}, got {self.per!r}")
+        if not (math.isfinite(self.decay) and self.decay >= 0):
+            raise ValueError(f"schedule decay must be a finite number >= 0, got {self.decay}")
+
+
+def learning_rate(step: int, steps_per_epoch: int, lr0: float, schedule: Schedule) -> float:
+    """The learning rate of update number ``step`` (0-based), a pure function of the step.
+
+    Parameters
+    ----------
+    step : int
+        Updates done before this one; the update belongs to epoch ``step // steps_per_epoch``.
+    steps_per_epoch : int
+        Mini-batches per epoch.
+    lr0 : float
+        The initial learning rate, > 0.
+    schedule : Schedule
+
+    Returns
+    -------
+    float
+        ``lr0`` for "constant"; ``lr0 * exp(-decay * t)`` for "exponential", with
+        ``t = step // steps_per_epoch`` (per="epoch") or ``t = step`` (per="step").
+    """
+    if schedule.name == "constant":
+        lr = lr0
+    else:
+        t = step // steps_per_epoch if schedule.per == "epoch" else step
+        lr = lr0 * math.exp(-schedule.decay * t)
+    assert 0 <= lr <= lr0, f"learning rate {lr} outside [0, {lr0}] at step {step}"
+    return lr
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (with the seed, the run is reproducible bit for bit).
+
+    Attributes
+    ----------
+    lr : float
+        Initial learning rate lr0, > 0.
+    l2 : float
+        L2 strength lambda >= 0 in ``J = E + lambda * ||w||^2``.
+    batch_size : int
+        Examples per mini-batch (the last batch of an epoch may be smaller).
+    epochs : int
+        Maximum number of passes over the training set.
+    schedule : Schedule
+        Learning-rate decay.
+    evals_per_epoch : int
+        Evaluations per epoch on train/val/test, at evenly spaced steps, the last one at
+        the end of the epoch (the report used 20).
+    early_stopping : bool
+        Stop once ``patience`` evaluations in a row have not improved on the best
+        validation loss, and keep the best weights. When False, all epochs run and the
+        last weights are kept.
+    patience : int
+        See ``early_stopping`` (the report stopped after 4 worse checks in a row).
+    seed : int
+        Seeds the per-epoch permutation of the training set.
+    """
+
+    lr: float = 0.5
+    l2: float = 0.0
+    batch_size: int = 128
+    epochs: int = 20
+    schedule: Schedule = field(default_factory=Schedule)
+    evals_per_epoch: int = 20
+    early_stopping: bool = True
+    patience: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.l2) and self.l2 >= 0):
+            raise ValueError(f"l2 (lambda) must be a finite number >= 0, got {self.l2}")
+        for name in ("batch_size", "epochs", "evals_per_epoch", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The figures of one evaluation.
+
+    Attributes
+    ----------
+    step : int
+        Mini-batch updates done so far (the MLflow step).
+    epoch : float
+        ``step / steps_per_epoch``.
+    metrics : dict[str, float]
+        ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``, ``test/loss``,
+        ``test/accuracy`` (losses: mean cross-entropy without the L2 term; accuracy in
+        [0, 1]), ``lr`` (the rate of the last update) and ``weights/norm`` (||w||, no bias).
+    """
+
+    step: int
+    epoch: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind.
+
+    Attributes
+    ----------
+    model
+        The trained model, holding the kept weights: the best-validation ones when early
+        stopping is on, the last ones otherwise.
+    history : list[Evaluation]
+        Every evaluation, in order.
+    best_step : int
+        Step of the lowest validation loss seen.
+    stopped_early : bool
+        True if early stopping ended the run before the last epoch.
+    final : dict[str, float]
+        ``final/{train,val,test}_{accuracy,loss}`` on the kept weights, and ``best/step``.
+    """
+
+    model: Any
+    history: list[Evaluation]
+    best_step: int
+    stopped_early: bool
+    final: dict[str, float]
+
+
+class Callback:
+    """Receives the run as it happens; subclass and override what you need (no-ops here)."""
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        """Called after every evaluation, in step order."""
+
+    def on_end(self, result: TrainResult) -> None:
+        """Called once when training ends normally (not when it raises)."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss became non-finite (inf or nan); ``step`` and ``value`` say where and what."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(
+            f"training diverged at step {step}: the loss is {value}; "
+            f"lower the learning rate (lr) or lambda"
+        )
+        self.step = step
+        self.value = value
+
+
+def evaluation_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
+    """Steps within an epoch (1..steps_per_epoch) after which to evaluate, evenly spaced.
+
+    The last is always ``steps_per_epoch`` (the end of the epoch). With more evaluations
+    than steps, every step is evaluated once.
+    """
+    return sorted({(i + 1) * steps_per_epoch // evals_per_epoch for i in range(evals_per_epoch)}
+                  - {0})
+
+
+def evaluate(model: Any, splits: Splits) -> dict[str, float]:
+    """Loss (mean cross-entropy, no L2 term) and accuracy of ``model`` on every split."""
+    metrics = {}
+    for name in ("train", "val", "test"):
+        dataset: Dataset = getattr(splits, name)
+        loss, accuracy = model.loss_and_accuracy(dataset.images, dataset.labels)
+        metrics[f"{name}/loss"] = loss
+        metrics[f"{name}/accuracy"] = accuracy
+    return metrics
+
+
+def _copy(parameter: Any) -> Any:
+    # The softmax bias is an array (copy it); the logistic bias is an immutable float.
+    return parameter.copy() if isinstance(parameter, np.ndarray) else parameter
+
+
+def _check_inputs(model: Any, splits: Splits) -> None:
+    n_features = model.weights.shape[0]
+    for name in ("train", "val", "test"):
+        dataset: Dataset = getattr(splits, name)
+        if len(dataset) == 0:
+            raise ValueError(f"the {name} split is empty")
+        if dataset.images.shape[1] != n_features:
+            raise ValueError(
+                f"the {name} images have {dataset.images.shape[1]} features, "
+                f"the model expects {n_features}"
+            )
+        if dataset.labels.min() < 0 or dataset.labels.max() >= model.n_classes:
+            raise ValueError(
+                f"the {name} labels span {dataset.labels.min()}..{dataset.labels.max()} "
+                f"but the model has {model.n_classes} classes (binary_task gives 0/1 labels)"
+            )
+
+
+def train(
+    model: Any, splits: Splits, config: TrainConfig, callbacks: Sequence[Callback] = ()
+) -> TrainResult:
+    """Fit ``model`` to ``splits.train`` by mini-batch gradient descent.
+
+    Each epoch visits the training set in the order of a fresh permutation from
+    ``np.random.default_rng(config.seed)``. After update ``step`` the weights move by
+    ``-learning_rate(step) * gradients(batch, l2)``. Evaluations (train, val, test) happen
+    ``evals_per_epoch`` times per epoch. Early stopping rule: an evaluation *improves* if
+    its validation loss is strictly lower than the best so far; once ``patience``
+    evaluations in a row have not improved, training stops and the weights of the best
+    evaluation are restored.
+
+    Parameters
+    ----------
+    model : LogisticRegression or SoftmaxRegression
+        Trained in place (its ``weights`` array is updated, its ``bias`` reassigned).
+    splits : Splits
+        Labels must fit the model (0/1 for the logistic model: see ``binary_task``).
+    config : TrainConfig
+    callbacks : sequence of Callback
+        Told about every evaluation and about the end of the run.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    DivergenceError
+        As soon as a mini-batch gradient or an evaluated loss is not finite.
+    """
+    _check_inputs(model, splits)
+    images, labels = splits.train.images, splits.train.labels
+    n_train = len(labels)
+    batch_size = min(config.batch_size, n_train)
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    evaluate_after = set(evaluation_steps(steps_per_epoch, config.evals_per_epoch))
+    rng = np.random.default_rng(config.seed)
+
+    history: list[Evaluation] = []
+    best_val_loss, best_step, best_metrics = math.inf, 0, {}
+    best_weights, best_bias = model.weights.copy(), _copy(model.bias)
+    evaluations_without_improvement = 0
+    stopped_early = False
+    step = 0
+    # Overflow in a diverging run surfaces below as a DivergenceError naming the step,
+    # rather than as a stream of numpy warnings.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _epoch in range(config.epochs):
+            order = rng.permutation(n_train)
+            for batch_number, start in enumerate(range(0, n_train, batch_size), start=1):
+                batch = order[start : start + batch_size]
+                batch_images, batch_labels = images[batch], labels[batch]
+                lr = learning_rate(step, steps_per_epoch, config.lr, config.schedule)
+                d_weights, d_bias = model.gradients(batch_images, batch_labels, config.l2)
+                step += 1
+                if not np.isfinite(d_bias).all():
+                    raise DivergenceError(step, model.loss(batch_images, batch_labels, config.l2))
+                d_weights *= lr
+                model.weights -= d_weights
+                model.bias -= lr * d_bias
+
+                if batch_number not in evaluate_after:
+                    continue
+                metrics = evaluate(model, splits)
+                for name in ("train/loss", "val/loss", "test/loss"):
+                    if not math.isfinite(metrics[name]):
+                        raise DivergenceError(step, metrics[name])
+                metrics["lr"] = lr
+                metrics["weights/norm"] = float(np.linalg.norm(model.weights))
+                evaluation = Evaluation(step=step, epoch=step / steps_per_epoch, metrics=metrics)
+                history.append(evaluation)
+                for callback in callbacks:
+                    callback.on_evaluation(evaluation)
+
+                if metrics["val/loss"] < best_val_loss:
+                    best_val_loss, best_step, best_metrics = metrics["val/loss"], step, metrics
+                    evaluations_without_improvement = 0
+                    if config.early_stopping:
+                        best_weights, best_bias = model.weights.copy(), _copy(model.bias)
+                else:
+                    evaluations_without_improvement += 1
+                    if config.early_stopping and (
+                        evaluations_without_improvement >= config.patience
+                    ):
+                        stopped_early = True
+                        break
+            if stopped_early:
+                break
+
+    kept = history[-1].metrics
+    if config.early_stopping:
+        model.weights, model.bias, kept = best_weights, best_bias, best_metrics
+    final: dict[str, float] = {
+        f"final/{split}_{name}": kept[f"{split}/{name}"]
+        for split in ("train", "val", "test")
+        for name in ("accuracy", "loss")
+    }
+    final["best/step"] = best_step
+    result = TrainResult(
+        model=model,
+        history=history,
+        best_step=best_step,
+        stopped_early=stopped_early,
+        final=final,
+    )
+    for callback in callbacks:
+        callback.on_end(result)
+    return result
