@@ -124,7 +124,8 @@ def _draw_heatmap(
 def _mosaic_inches(n_panels: int, n_cols: int) -> tuple[float, float]:
     """Width and height in inches of the mosaic that ``_draw_heatmap`` draws."""
     n_rows = math.ceil(n_panels / n_cols)
-    inches_per_pixel = HEATMAP_PANEL_INCHES / IMAGE_SIDE
+    # A lone panel (the logistic model's weights) is drawn larger: it is the whole figure.
+    inches_per_pixel = HEATMAP_PANEL_INCHES * (1.6 if n_panels == 1 else 1.0) / IMAGE_SIDE
     width = n_cols * (IMAGE_SIDE + PANEL_GAP) - PANEL_GAP
     height = n_rows * (IMAGE_SIDE + PANEL_TITLE_GAP)
     return width * inches_per_pixel, height * inches_per_pixel
@@ -138,8 +139,8 @@ def _heatmap_grid(
 ) -> Figure:
     """Weight panels in a grid on one diverging colour scale centred on zero, one colour bar."""
     width, height = _mosaic_inches(len(panels), n_cols)
-    # Margins in inches: 0.1 left, 0.9 right for the colour bar, 0.1 below, 0.4 for the title.
-    fig_width, fig_height = width + 1.0, height + 0.5
+    # Margins in inches: 0.1 left, 0.9 right for the colour bar, 0.1 below, 0.3 for the title.
+    fig_width, fig_height = width + 1.0, height + 0.4
     fig = _new_figure(fig_width, fig_height)
     ax = fig.add_axes((0.1 / fig_width, 0.1 / fig_height, width / fig_width, height / fig_height))
     image = _draw_heatmap(ax, panels, titles, n_cols, _symmetric_limit(*panels))
@@ -406,8 +407,9 @@ def confusion_figure(matrix: np.ndarray, labels: Sequence[int]) -> Figure:
     k = len(labels)
     if matrix.shape != (k, k):
         raise ValueError(f"matrix has shape {matrix.shape}, expected ({k}, {k}) for the labels")
-    fig = _new_figure(1.2 + 0.42 * k, 0.9 + 0.38 * k)
-    ax = fig.add_subplot()
+    # At least 3.4 x 2.9 inches, so that a 2x2 matrix still has room for its labels.
+    fig = _new_figure(max(3.4, 1.4 + 0.42 * k), max(2.9, 1.0 + 0.38 * k))
+    ax = fig.add_axes((0.2, 0.18, 0.58, 0.7))
     artist = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
     ax.set_xticks(range(k), [str(label) for label in labels], fontsize=8)
     ax.set_yticks(range(k), [str(label) for label in labels], fontsize=8)
@@ -426,7 +428,8 @@ def confusion_figure(matrix: np.ndarray, labels: Sequence[int]) -> Figure:
                 fontsize=6,
                 color="white" if matrix[i, j] > threshold else "black",
             )
-    fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    colour_axes = fig.add_axes((0.82, 0.18, 0.035, 0.7))
+    fig.colorbar(artist, cax=colour_axes).ax.tick_params(labelsize=7)
     return fig
 
 
@@ -666,7 +669,7 @@ def save_figure(fig: Figure, path: Path) -> None:
     try:
         with open(temporary, "xb") as stream:
             # A low zlib level: these PNGs are small, and encoding is a large share of the time.
-            fig.savefig(stream, format="png", dpi=DPI, pil_kwargs={"compress_level": 3})
+            fig.savefig(stream, format="png", dpi="figure", pil_kwargs={"compress_level": 3})
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

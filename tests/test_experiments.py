@@ -69,7 +69,9 @@ EXPECTED = {
         {"epochs": 20, "evals_per_epoch": 20, "limit_train": 1000},
         (0.01, 0.001, 0.0001),
     ),
-    "task3": Expected("softmax", {"lambda": 0.0, "limit_train": None}, None),
+    "task3": Expected(
+        "softmax", {"lambda": 0.0, "limit_train": None, "early_stopping.enabled": False}, None
+    ),
     "task3_overfit": Expected(
         "softmax", {"limit_train": 10000, "early_stopping.enabled": False}, (0.0, 0.01)
     ),
