@@ -20,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from src import tracking
 from src.config import ConfigError, Settings, validate
@@ -40,6 +41,18 @@ class ActiveSweep:
 
 
 ACTIVE: ActiveSweep | None = None
+
+
+class SweepRefused(BaseException):
+    """A sweep refused before any job: carries the one-line reason (``.error``).
+
+    A BaseException on purpose: Hydra turns an Exception raised by a callback into a warning
+    and goes on with the sweep; this one reaches the entry point like Ctrl-C does.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:
@@ -90,7 +103,9 @@ def check_jobs(config: DictConfig, config_name: str | None) -> list[Settings]:
             raise ConfigError(f"{error}{where}") from None
         data_file = settings.data_dir / PROCESSED_FILE
         if not data_file.exists():
-            raise DataError(f"{data_file} not found: run `dvc repro` to make the processed data")
+            raise DataError(
+                f"{data_file} not found; run `dvc repro` to download and preprocess MNIST"
+            )
         checked.append(settings)
     return checked
 
@@ -109,10 +124,13 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global ACTIVE
-        jobs = check_jobs(config, kwargs.get("config_name"))
+        try:
+            jobs = check_jobs(config, kwargs.get("config_name"))
+            if len({s.tracking_uri for s in jobs}) != 1:
+                raise ConfigError("mlflow.tracking_uri must be the same for every job of a sweep")
+        except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
+            raise SweepRefused(error) from error
         uris = {s.tracking_uri for s in jobs}
-        if len(uris) != 1:
-            raise ConfigError("mlflow.tracking_uri must be the same for every job of a sweep")
         (uri,) = uris
         arguments = sweep_arguments(config)
         experiment, name = sweep_name(jobs, arguments)

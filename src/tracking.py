@@ -14,8 +14,10 @@ import json
 import logging
 import math
 import os
+import queue
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -78,10 +80,12 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 class MetricLogger(Callback):
-    """Buffers the per-evaluation metrics and writes them with ``log_batch``.
+    """Buffers the per-evaluation metrics and writes them with ``log_batch`` from a
+    background thread, so that the store's writes overlap the training's numpy work.
 
-    Flushes when ``MAX_METRICS_PER_BATCH`` metrics wait, when ``FLUSH_SECONDS`` passed since
-    the last write (so `mlflow ui` shows a live run), and at the end.
+    A batch leaves when ``MAX_METRICS_PER_BATCH`` metrics wait or ``FLUSH_SECONDS`` passed
+    since the last one (so `mlflow ui` shows a live run); :meth:`close` writes the rest and
+    waits for the thread, raising the first error the store gave.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
@@ -89,6 +93,22 @@ class MetricLogger(Callback):
         self.run_id = run_id
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
+        self.error: BaseException | None = None
+        self.batches: queue.Queue[list[Metric] | None] = queue.Queue()
+        self.writer = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
+        self.writer.start()
+
+    def _write(self) -> None:
+        while (batch := self.batches.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining; the first error is reported by close()
+            try:
+                for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+                    self.client.log_batch(
+                        self.run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH]
+                    )
+            except BaseException as error:  # handed to the training thread by close()
+                self.error = error
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
         now = int(time.time() * 1000)
@@ -108,13 +128,21 @@ class MetricLogger(Callback):
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        """Write every queued metric, at most ``MAX_METRICS_PER_BATCH`` per call."""
-        for start in range(0, len(self.pending), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(
-                self.run_id, metrics=self.pending[start : start + MAX_METRICS_PER_BATCH]
-            )
+        """Hand every queued metric to the writer thread."""
+        if self.pending and self.writer.is_alive():
+            self.batches.put(self.pending)
         self.pending = []
         self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Write what is left, wait for the writer; raise the store's first error, if any."""
+        if self.writer.is_alive():
+            self.flush()
+            self.batches.put(None)
+            self.writer.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def curves_from_history(history: Sequence[Evaluation]) -> plots.Curves:
@@ -319,7 +347,7 @@ class JobRun:
         final = dict(result.final)
         final.setdefault("best/step", result.best_step)
         self.metrics.log(final, step=result.best_step)
-        self.metrics.flush()
+        self.metrics.close()  # every metric is in the store before the run's other writes
         with tempfile.TemporaryDirectory(prefix="mnist-run-") as tmp:
             folder = Path(tmp)
             weights_file = write_artifacts(result, splits, self.settings, config_yaml, folder)
@@ -331,7 +359,7 @@ class JobRun:
         import mlflow
 
         try:
-            self.metrics.flush()
+            self.metrics.close()
         except Exception:  # the run must still end, whatever the store says about metrics
             log.warning("could not write the last metrics of run %s", self.run_id)
         if error is not None:

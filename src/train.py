@@ -37,6 +37,9 @@ from src.training import Callback, DivergenceError, Evaluation, TrainResult, tra
 
 log = logging.getLogger("src.train")
 
+# The error that stopped this process's single run, reported by main() on one line.
+JOB_ERRORS: list[Exception] = []
+
 # Failures a user can cause: reported on one line, without a traceback.
 USER_ERRORS = (ConfigError, DataError, DivergenceError)
 EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
@@ -109,16 +112,56 @@ def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | Non
     return tags
 
 
-def run_job(cfg: DictConfig) -> dict[str, float] | None:
-    """Train and track one job; returns its final metrics, or None if it failed in a sweep.
+def train_tracked(
+    settings: Settings,
+    splits: Splits,
+    name: str,
+    tags: dict[str, str],
+    config_text: str,
+    parent: tracking.ParentRef | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[TrainResult, str]:
+    """Train one model inside one MLflow run and log everything; returns the result and the
+    run id. The run ends FINISHED, or FAILED (reason in the ``error`` tag) / KILLED, and then
+    the error is raised again."""
+    job = tracking.JobRun(settings, name, tags, parent)
+    try:
+        result = train(build_model(settings), splits, settings.train, [job.metrics, *callbacks])
+        job.log_result(result, splits, config_text)
+    except KeyboardInterrupt:
+        job.end(tracking.KILLED, "interrupted")
+        raise
+    except Exception as error:
+        job.end(tracking.FAILED, one_line(error))
+        raise
+    job.end(tracking.FINISHED)
+    return result, job.run_id
 
-    In a single run, a failure is raised (after the run ended FAILED); in a sweep it is
-    recorded and the next job goes on, so that Hydra reaches the end of the sweep.
+
+def run_job(cfg: DictConfig) -> dict[str, float] | None:
+    """Train and track one job; returns its final metrics, or None if it failed.
+
+    A failure a user can cause (refused config, missing data, divergence) is kept for
+    main() to report on one line: raising it would make Hydra print more, and in a sweep
+    stop the sweep before its end. The job's run, if it started, ended FAILED already.
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
-    settings = validate(cfg)  # in a sweep, the callback has already checked every job
+    try:
+        settings = validate(cfg)  # in a sweep, the callback has already checked every job
+        return _run_checked(cfg, settings, multirun, overrides)
+    except USER_ERRORS as error:
+        if multirun:  # only when the sweeper's jobs could not be checked in advance
+            log.error("job failed: %s", one_line(error))
+        JOB_ERRORS.append(error)
+        return None
+
+
+def _run_checked(
+    cfg: DictConfig, settings: Settings, multirun: bool, overrides: list[str]
+) -> dict[str, float] | None:
+    hydra_cfg = HydraConfig.get()
     parent = tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None
     name = run_name(settings, overrides)
     experiment = hydra_cfg.runtime.choices.get("experiment")
@@ -135,19 +178,12 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
         return None
 
     log.info("training %s (%d training images)", name, len(splits.train))
-    job = tracking.JobRun(settings, name, tags, parent)
     progress = Progress(settings.train.epochs, name)
     try:
-        result = train(build_model(settings), splits, settings.train, [job.metrics, progress])
-        progress.close()
-        job.log_result(result, splits, config_yaml(cfg))
-    except KeyboardInterrupt:
-        progress.close()
-        job.end(tracking.KILLED, "interrupted")
-        raise
+        result, run_id = train_tracked(
+            settings, splits, name, tags, config_yaml(cfg), parent, [progress]
+        )
     except Exception as error:
-        progress.close()
-        job.end(tracking.FAILED, one_line(error))
         if not multirun:
             raise
         if isinstance(error, USER_ERRORS):
@@ -155,14 +191,15 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
         else:  # a bug: keep the traceback in the job's log
             log.exception("job %s failed", name)
         return None
-    job.end(tracking.FINISHED)
+    finally:
+        progress.close()
     final = result.final
     log.info(
         "%s: val accuracy %.4f, test accuracy %.4f (MLflow run %s)",
         name,
         final.get("final/val_accuracy", float("nan")),
         final.get("final/test_accuracy", float("nan")),
-        job.run_id,
+        run_id,
     )
     return final
 
@@ -198,6 +235,14 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> Any:
     raise KeyboardInterrupt
 
 
+def error_line(error: BaseException) -> tuple[str, int]:
+    """The one line and the exit code for an error a user can cause."""
+    if isinstance(error, (HydraException, OmegaConfBaseException)):
+        return hydra_error_line(error), EXIT_REFUSED
+    code = EXIT_REFUSED if isinstance(error, ConfigError) else EXIT_FAILED
+    return one_line(error), code
+
+
 def main() -> None:
     """Entry point: run Hydra, turn its errors into one line, close any open sweep parent."""
     # Hydra re-raises errors to us whole instead of printing them over several lines.
@@ -209,18 +254,18 @@ def main() -> None:
         sweep.close_active(interrupted=True)
         print("error: interrupted; the active MLflow runs ended KILLED", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except USER_ERRORS as error:
+    except sweep.SweepRefused as refused:
+        JOB_ERRORS.append(refused.error)
+    except (*USER_ERRORS, HydraException, OmegaConfBaseException) as error:
         sweep.close_active(interrupted=False)
-        code = EXIT_REFUSED if isinstance(error, ConfigError) else EXIT_FAILED
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(code)
-    except (HydraException, OmegaConfBaseException) as error:
-        sweep.close_active(interrupted=False)
-        print(f"error: {hydra_error_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_REFUSED)
+        JOB_ERRORS.append(error)
     except BaseException:
         sweep.close_active(interrupted=False)
         raise
+    if JOB_ERRORS:
+        line, code = error_line(JOB_ERRORS[0])
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(code)
     active = sweep.ACTIVE
     if active is not None and active.summary is not None and active.summary.n_failed:
         summary = active.summary

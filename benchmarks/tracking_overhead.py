@@ -1,0 +1,91 @@
+"""What tracking costs: the report's heaviest run with and without MLflow, in one process.
+
+The setting is task 2.1 of the report (logistic regression, 2 against 3, 40 epochs, 20
+evaluations per epoch, real data), run to the end. "Tracking" is everything that
+`python -m src.train` adds to the bare training loop: the run, params and tags (git
+commit, data hash), the batched per-step metrics, the figures and tables, and the served
+model. The store is a fresh SQLite file, created (migrated) and warmed by one short run
+before timing, as a user's store is after their first run. Target: at most 10 % and at
+most 2 s. Run from the project root:
+
+    python -m benchmarks.tracking_overhead [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from src.config import PROJECT_ROOT, Settings, validate
+from src.data import DataError
+from src.train import build_model, job_tags, load_splits, run_name, train_tracked
+from src.training import TrainResult, train
+
+# Early stopping off: the run then does all 40 x 20 evaluations, the most metrics any run of
+# the report logs (with it on, the run stops after about an epoch on this data).
+OVERRIDES = ["model=logistic", "epochs=40", "evals_per_epoch=20", "early_stopping.enabled=false"]
+MAX_RATIO, MAX_SECONDS = 0.10, 2.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs (median reported)")
+    args = parser.parse_args()
+
+    store = Path(tempfile.mkdtemp(prefix="tracking-overhead-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=OVERRIDES)
+        warm_cfg = compose(config_name="config", overrides=[*OVERRIDES[:1], "epochs=1"])
+    settings, warm = validate(cfg), validate(warm_cfg)
+    try:
+        splits = load_splits(settings)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    config_text = "benchmark: tracking_overhead\n"
+
+    def tracked(s: Settings) -> TrainResult:
+        tags = job_tags(s, OVERRIDES, None)
+        result, _ = train_tracked(s, splits, run_name(s, OVERRIDES), tags, config_text)
+        return result
+
+    tracked(warm)  # creates the store, imports and warms every code path once
+
+    bare_times, tracked_times = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        bare = train(build_model(settings), splits, settings.train)
+        bare_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        result = tracked(settings)
+        tracked_times.append(time.perf_counter() - start)
+        assert result.final == bare.final, "tracking changed the numbers"
+
+    bare_s, tracked_s = statistics.median(bare_times), statistics.median(tracked_times)
+    overhead_s = tracked_s - bare_s
+    ratio = overhead_s / bare_s
+    evaluations = len(bare.history)
+    print(f"setting: logistic 2v3, {settings.train.epochs} epochs, "
+          f"{settings.train.evals_per_epoch} evaluations/epoch, {len(splits.train)} images, "
+          f"{evaluations} evaluations done (early stopping: {bare.stopped_early})")
+    print(f"training without tracking: {bare_s:.3f} s (runs: "
+          f"{', '.join(f'{t:.3f}' for t in bare_times)})")
+    print(f"training with tracking:    {tracked_s:.3f} s (runs: "
+          f"{', '.join(f'{t:.3f}' for t in tracked_times)})")
+    print(f"overhead: {overhead_s:.3f} s = {100 * ratio:.1f} % "
+          f"(target <= {100 * MAX_RATIO:.0f} % and <= {MAX_SECONDS:.0f} s)")
+    ok = ratio <= MAX_RATIO and overhead_s <= MAX_SECONDS
+    print(f"RESULT bare_s={bare_s:.3f} tracked_s={tracked_s:.3f} overhead_s={overhead_s:.3f} "
+          f"overhead_ratio={ratio:.4f} evaluations={evaluations} within_target={int(ok)}")
+
+
+if __name__ == "__main__":
+    main()
