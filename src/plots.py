@@ -217,7 +217,7 @@ def _set_parameter_scale(ax: Axes, values: Sequence[float], name: str) -> None:
 
 def _mean_and_spread(
     jobs: Sequence[SweepJob], metric: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean, minimum and maximum of ``metric`` over jobs, on the longest job's epochs.
 
     Jobs that stopped early contribute only to the epochs they reached (NaN after).
@@ -225,6 +225,8 @@ def _mean_and_spread(
     Returns
     -------
     epochs, mean, low, high : ndarray of shape (n,)
+    count : ndarray of shape (n,)
+        How many jobs each point averages.
     """
     curves = [job.curves[metric] for job in jobs if metric in job.curves]
     epochs = np.asarray(max(curves, key=lambda curve: len(curve[0]))[0], dtype=np.float64)
@@ -236,13 +238,15 @@ def _mean_and_spread(
             continue
         inside = (epochs >= x[0]) & (epochs <= x[-1])
         stacked[row, inside] = np.interp(epochs[inside], x, y)
-    reached = ~np.all(np.isnan(stacked), axis=0)
+    count = np.sum(~np.isnan(stacked), axis=0)
+    reached = count > 0
     stacked = stacked[:, reached]
     return (
         epochs[reached],
         np.nanmean(stacked, axis=0),
         np.nanmin(stacked, axis=0),
         np.nanmax(stacked, axis=0),
+        count[reached],
     )
 
 
@@ -535,9 +539,11 @@ def sweep_comparison(jobs: Sequence[SweepJob]) -> Figure:
 
     Left: the validation accuracy of every job against epochs on one axes. Jobs that differ
     only by seed are folded into their mean (line) and minimum-to-maximum spread (band), so
-    that a reader sees which differences are larger than the seed's noise. Right: final
-    training, validation and test accuracies, and the weight norm, against lambda (top) and
-    against lr (bottom), log x when the values span a decade (symlog when lambda=0 is swept).
+    that a reader sees which differences are larger than the seed's noise; past the point
+    where a seed stopped early, the mean of the remaining seeds is dashed and has no band.
+    Right: final training, validation and test accuracies, and the weight norm, against lambda
+    (top) and against lr (bottom), log x when the values span a decade (symlog when lambda=0
+    is swept).
 
     Parameters
     ----------
@@ -555,6 +561,7 @@ def sweep_comparison(jobs: Sequence[SweepJob]) -> Figure:
     curve_ax = fig.add_subplot(grid[:, 0])
     names = _varying_params(jobs, exclude=(SEED_PARAM,))
     colours = [f"C{i}" for i in range(10)]
+    partial = False
     for index, (params, members) in enumerate(_group(jobs, ignore=(SEED_PARAM,))):
         members = [job for job in members if "val/accuracy" in job.curves]
         if not members:
@@ -565,10 +572,33 @@ def sweep_comparison(jobs: Sequence[SweepJob]) -> Figure:
             epochs, values = members[0].curves["val/accuracy"]
             curve_ax.plot(np.asarray(epochs), np.asarray(values), color=colour, label=label)
             continue
-        epochs, mean, low, high = _mean_and_spread(members, "val/accuracy")
-        curve_ax.plot(epochs, mean, color=colour, label=f"{label} (mean of {len(members)} seeds)")
-        curve_ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
+        epochs, mean, low, high, count = _mean_and_spread(members, "val/accuracy")
+        # The mean of every seed, solid with its band, only where every seed still ran; where
+        # some stopped early the mean of the others goes on dashed, so that a reader does not
+        # take one seed's tail for a mean.
+        every = count == len(members)
+        curve_ax.plot(
+            epochs[every],
+            mean[every],
+            color=colour,
+            label=f"{label} (mean of {len(members)} seeds)",
+        )
+        curve_ax.fill_between(
+            epochs[every], low[every], high[every], color=colour, alpha=0.2, linewidth=0
+        )
+        if not every.all():
+            tail = slice(max(int(np.argmin(every)) - 1, 0), None)
+            curve_ax.plot(epochs[tail], mean[tail], color=colour, linestyle="--", linewidth=0.8)
+            partial = True
     curve_ax.set_title("Validation accuracy", fontsize=10)
+    if partial:
+        curve_ax.text(
+            0.02,
+            0.02,
+            "dashed: mean of the seeds that had not stopped early",
+            transform=curve_ax.transAxes,
+            fontsize=7,
+        )
     curve_ax.set_xlabel("epoch")
     curve_ax.set_ylabel("accuracy")
     curve_ax.grid(alpha=0.3)

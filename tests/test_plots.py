@@ -236,12 +236,23 @@ def test_sweep_comparison_without_seeds_draws_one_line_per_job_and_no_band():
     assert not [c for c in curve_ax.collections if isinstance(c, PolyCollection)]
 
 
-def test_sweep_comparison_mean_covers_seeds_that_stopped_early():
+def test_sweep_comparison_dashes_the_mean_once_a_seed_stopped_early():
     jobs = [_job(0.0, seed=0, n=40), _job(0.0, seed=1, n=20)]
-    line = plots.sweep_comparison(jobs).axes[0].get_lines()[0]
-    assert line.get_xdata().size == 40
-    expected_late = _curves(40, 0.0)["val/accuracy"][1][20:]
-    np.testing.assert_allclose(line.get_ydata()[20:], expected_late)
+    curve_ax = plots.sweep_comparison(jobs).axes[0]
+    solid, dashed = curve_ax.get_lines()
+    both = np.stack(
+        [_curves(40, 0.0)["val/accuracy"][1][:20], _curves(20, 0.01)["val/accuracy"][1]]
+    )
+    np.testing.assert_allclose(solid.get_ydata(), both.mean(axis=0))
+    assert solid.get_linestyle() == "-"
+    assert dashed.get_linestyle() == "--"
+    assert dashed.get_label().startswith("_"), "the tail is no entry of its own in the legend"
+    # The tail starts at the last mean of both seeds and then follows the seed that went on.
+    assert dashed.get_ydata()[0] == pytest.approx(both.mean(axis=0)[-1])
+    np.testing.assert_allclose(dashed.get_ydata()[1:], _curves(40, 0.0)["val/accuracy"][1][20:])
+    (band,) = [c for c in curve_ax.collections if isinstance(c, PolyCollection)]
+    assert band.get_paths()[0].vertices[:, 0].max() == pytest.approx(1.0), "band ends at epoch 1"
+    assert "dashed" in curve_ax.texts[0].get_text()
 
 
 def test_sweep_comparison_against_lambda_and_lr():
