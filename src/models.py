@@ -39,11 +39,18 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``softmax(z)`` of shape (n_samples, n_classes), rows summing to 1."""
-    probabilities = z - z.max(axis=1, keepdims=True)
+    """Row-wise ``softmax(z)`` of shape (n_samples, n_classes), rows summing to 1.
+
+    ``exp(z_k - max z) / sum_k' exp(z_k' - max z)``: the shift changes nothing
+    mathematically and keeps ``exp`` from overflowing.
+    """
+    # Work on a (n_classes, n_samples) copy: numpy reduces across the few classes several
+    # times faster when they are the outer axis, and this runs once per mini-batch.
+    probabilities = np.ascontiguousarray(z.T)
+    probabilities -= probabilities.max(axis=0)
     np.exp(probabilities, out=probabilities)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    return probabilities
+    probabilities /= probabilities.sum(axis=0)
+    return probabilities.T
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

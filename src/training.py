@@ -287,50 +287,50 @@ def train(
     evaluations_without_improvement = 0
     stopped_early = False
     step = 0
-    # Overflow in a diverging run surfaces below as a DivergenceError naming the step,
-    # rather than as a stream of numpy warnings.
-    with np.errstate(over="ignore", invalid="ignore"):
-        for _epoch in range(config.epochs):
-            order = rng.permutation(n_train)
-            for batch_number, start in enumerate(range(0, n_train, batch_size), start=1):
-                batch = order[start : start + batch_size]
-                batch_images, batch_labels = images[batch], labels[batch]
-                lr = learning_rate(step, steps_per_epoch, config.lr, config.schedule)
+    for _epoch in range(config.epochs):
+        order = rng.permutation(n_train)
+        for batch_number, start in enumerate(range(0, n_train, batch_size), start=1):
+            batch = order[start : start + batch_size]
+            batch_images, batch_labels = images[batch], labels[batch]
+            lr = learning_rate(step, steps_per_epoch, config.lr, config.schedule)
+            step += 1
+            # A diverging run overflows; that is reported as a DivergenceError naming the
+            # step (the finiteness checks below), not as a stream of numpy warnings.
+            with np.errstate(over="ignore", invalid="ignore"):
                 d_weights, d_bias = model.gradients(batch_images, batch_labels, config.l2)
-                step += 1
                 if not np.isfinite(d_bias).all():
                     raise DivergenceError(step, model.loss(batch_images, batch_labels, config.l2))
                 d_weights *= lr
                 model.weights -= d_weights
                 model.bias -= lr * d_bias
 
-                if batch_number not in evaluate_after:
-                    continue
+            if batch_number not in evaluate_after:
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
                 metrics = evaluate(model, splits)
-                for name in ("train/loss", "val/loss", "test/loss"):
-                    if not math.isfinite(metrics[name]):
-                        raise DivergenceError(step, metrics[name])
                 metrics["lr"] = lr
                 metrics["weights/norm"] = float(np.linalg.norm(model.weights))
-                evaluation = Evaluation(step=step, epoch=step / steps_per_epoch, metrics=metrics)
-                history.append(evaluation)
-                for callback in callbacks:
-                    callback.on_evaluation(evaluation)
+            for name in ("train/loss", "val/loss", "test/loss"):
+                if not math.isfinite(metrics[name]):
+                    raise DivergenceError(step, metrics[name])
+            evaluation = Evaluation(step=step, epoch=step / steps_per_epoch, metrics=metrics)
+            history.append(evaluation)
+            for callback in callbacks:
+                callback.on_evaluation(evaluation)
 
-                if metrics["val/loss"] < best_val_loss:
-                    best_val_loss, best_step, best_metrics = metrics["val/loss"], step, metrics
-                    evaluations_without_improvement = 0
-                    if config.early_stopping:
-                        best_weights, best_bias = model.weights.copy(), _copy(model.bias)
-                else:
-                    evaluations_without_improvement += 1
-                    if config.early_stopping and (
-                        evaluations_without_improvement >= config.patience
-                    ):
-                        stopped_early = True
-                        break
-            if stopped_early:
-                break
+            # Early stopping: a plain comparison with the best validation loss so far.
+            if metrics["val/loss"] < best_val_loss:
+                best_val_loss, best_step, best_metrics = metrics["val/loss"], step, metrics
+                evaluations_without_improvement = 0
+                if config.early_stopping:
+                    best_weights, best_bias = model.weights.copy(), _copy(model.bias)
+            else:
+                evaluations_without_improvement += 1
+                if config.early_stopping and evaluations_without_improvement >= config.patience:
+                    stopped_early = True
+                    break
+        if stopped_early:
+            break
 
     kept = history[-1].metrics
     if config.early_stopping:
