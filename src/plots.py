@@ -295,7 +295,8 @@ def _final_against(
             )
     _set_parameter_scale(ax, xs_all, parameter)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    if len(ax.containers) > 1:  # one line needs no legend: the title names it
+        ax.legend(fontsize=6)
 
 
 # --------------------------------------------------------------------------- per run
