@@ -34,8 +34,11 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
         ``z_k - log sum_k' exp(z_k')``, computed with the row maximum subtracted first so
         that ``exp`` sees only values <= 0 (no overflow) and the sum is >= 1 (no log(0)).
     """
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    # Class-major copy, as in `softmax`: reductions across classes run on the outer axis.
+    shifted = np.ascontiguousarray(z.T)
+    shifted -= shifted.max(axis=0)
+    shifted -= np.log(np.exp(shifted).sum(axis=0))
+    return shifted.T
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
