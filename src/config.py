@@ -304,5 +304,6 @@ def run_name(settings: Settings, overrides: Sequence[str] = ()) -> str:
         key, _, value = override.lstrip("+~").partition("=")
         if key in _NOT_IN_RUN_NAME or key.startswith(("hydra", "mlflow", "data.")):
             continue
-        parts.append(f"{key}={value}")
+        # the resolved value, spelled as in the params (a sweep writes `false` as `False`)
+        parts.append(f"{key}={settings.params.get(key, value)}")
     return " ".join(parts)

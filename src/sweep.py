@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -22,9 +22,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src import tracking
 from src.config import ConfigError, Settings, validate
 from src.data import PROCESSED_FILE, DataError
+
+if TYPE_CHECKING:
+    from src import tracking
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,8 @@ class SweepCallback(Callback):
                 raise ConfigError("mlflow.tracking_uri must be the same for every job of a sweep")
         except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
             raise SweepRefused(error) from error
+        from src import tracking  # MLflow loads in a second: not for a refused sweep
+
         uris = {s.tracking_uri for s in jobs}
         (uri,) = uris
         arguments = sweep_arguments(config)
@@ -145,6 +149,8 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s (%s) in experiment %s", parent.run_id, name, experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from src import tracking
+
         if ACTIVE is None:
             return
         ACTIVE.summary = tracking.finish_parent(ACTIVE.tracking_uri, ACTIVE.parent)
@@ -155,6 +161,8 @@ def close_active(interrupted: bool) -> None:
     FAILED after an error. Called by the entry point on its way out."""
     if ACTIVE is None or ACTIVE.summary is not None:
         return
+    from src import tracking
+
     status = tracking.KILLED if interrupted else tracking.FAILED
     reason = "interrupted" if interrupted else "the sweep stopped on an error"
     tracking.end_run(ACTIVE.tracking_uri, ACTIVE.parent.run_id, status, error=reason)

@@ -64,6 +64,18 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file, so that runs
+    and artifacts stay together whatever the working directory (MLflow's default is
+    ``./mlruns`` under the cwd); None (the server's choice) for any other store."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    folder = Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return (folder / safe).as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of the experiment called ``name``, created if needed (safe against a
     parallel job creating it at the same moment)."""
@@ -71,7 +83,9 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(
+            name, artifact_location=artifact_location(client.tracking_uri, name)
+        )
     except MlflowException:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

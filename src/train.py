@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,11 +29,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from src import sweep, tracking
+from src import sweep
 from src.config import ConfigError, Settings, config_yaml, run_name, validate
 from src.data import DataError, Splits, binary_task, data_hash, limit_train, load_processed
 from src.models import LogisticRegression, SoftmaxRegression
 from src.training import Callback, DivergenceError, Evaluation, TrainResult, train
+
+if TYPE_CHECKING:
+    from src.tracking import ParentRef
 
 log = logging.getLogger("src.train")
 
@@ -101,6 +104,8 @@ def one_line(error: BaseException) -> str:
 
 def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | None) -> dict:
     """Tags of a job's run: git commit, data hash, overrides, task."""
+    from src import tracking
+
     tags = {
         "git_commit": tracking.git_commit(),
         "data_hash": data_hash(settings.data_dir),
@@ -118,12 +123,14 @@ def train_tracked(
     name: str,
     tags: dict[str, str],
     config_text: str,
-    parent: tracking.ParentRef | None = None,
+    parent: ParentRef | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> tuple[TrainResult, str]:
     """Train one model inside one MLflow run and log everything; returns the result and the
     run id. The run ends FINISHED, or FAILED (reason in the ``error`` tag) / KILLED, and then
     the error is raised again."""
+    from src import tracking  # MLflow loads in a second: not for a refused config
+
     job = tracking.JobRun(settings, name, tags, parent)
     try:
         result = train(build_model(settings), splits, settings.train, [job.metrics, *callbacks])
@@ -161,6 +168,8 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
 def _run_checked(
     cfg: DictConfig, settings: Settings, multirun: bool, overrides: list[str]
 ) -> dict[str, float] | None:
+    from src import tracking
+
     hydra_cfg = HydraConfig.get()
     parent = tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None
     name = run_name(settings, overrides)

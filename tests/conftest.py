@@ -1,0 +1,106 @@
+"""Shared fixtures of the config, tracking and CLI tests: tiny data, a ready MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TINY_SIZES = {"train": 400, "val": 100, "test": 100}
+
+
+def write_tiny_mnist(folder: Path, seed: int = 0) -> Path:
+    """Write a small processed ``mnist.npz`` (the pipeline's contract: six uint8 arrays).
+
+    Each digit is a fixed random 28x28 template plus noise, so that the classes are easy to
+    separate and a few epochs of training classify them well.
+    """
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(10, 784)).astype(np.float64)
+    arrays = {}
+    for split, n in TINY_SIZES.items():
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        noise = rng.normal(0.0, 40.0, size=(n, 784))
+        images = np.clip(0.6 * templates[labels] + noise + 50.0, 0, 255)
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "mnist.npz", **arrays)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a tiny processed MNIST (400/100/100 images)."""
+    return write_tiny_mnist(tmp_path_factory.mktemp("processed"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite MLflow store, migrated once per session (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def copy_store(template: Path, folder: Path) -> str:
+    """A fresh store for one test, copied from the template; returns its tracking URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracking_uri(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh store in tmp_path, also set as ``MLFLOW_TRACKING_URI`` for in-process code."""
+    uri = copy_store(mlflow_template, tmp_path / "store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def train_command(args: list[str], workdir: Path) -> list[str]:
+    """``python -m src.train`` with Hydra's run and sweep directories inside ``workdir``."""
+    return [
+        sys.executable,
+        "-m",
+        "src.train",
+        *args,
+        f"hydra.run.dir={workdir / 'run'}",
+        f"hydra.sweep.dir={workdir / 'sweep'}",
+    ]
+
+
+def train_env(tracking_uri: str) -> dict[str, str]:
+    """The environment of a training subprocess: the store, the project importable."""
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_train(
+    args: list[str], tracking_uri: str, workdir: Path, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m src.train args`` in a subprocess whose cwd is ``workdir`` (so nothing
+    can land in the repository), and return what it did."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        train_command(args, workdir),
+        cwd=workdir,
+        env=train_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,301 @@
+"""`python -m src.train` end to end, in real subprocesses, on tiny data, into a temporary store.
+
+What a user sees: one run per job with its params, tags, metrics, artifacts and a servable
+model; a multirun nested under one parent with the comparison; a diverging job FAILED while
+the others finish; a refused config stopped with one line and nothing in the store; Ctrl-C
+leaves no run RUNNING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import copy_store, run_train, train_command, train_env
+
+PER_STEP = [
+    "train/loss",
+    "train/accuracy",
+    "val/loss",
+    "val/accuracy",
+    "test/loss",
+    "test/accuracy",
+    "lr",
+    "weights/norm",
+]
+FINAL = [
+    f"final/{split}_{kind}" for split in ("train", "val", "test") for kind in ("accuracy", "loss")
+] + ["best/step"]
+RUN_ARTIFACTS = {
+    "plots/loss_curves.png",
+    "plots/accuracy_curves.png",
+    "plots/weights.png",
+    "plots/confusion_matrix.png",
+    "tables/most_confused_pairs.json",
+    "config/config.yaml",
+    "weights/weights.npz",
+}
+PARENT_ARTIFACTS = {
+    "plots/sweep_comparison.png",
+    "plots/weight_norm_vs_lambda.png",
+    "plots/weights_by_lambda.png",
+    "tables/sweep_summary.csv",
+}
+# a short training on the tiny data (80 images of 2 or 3: 4 steps of 20 per epoch)
+SHORT = ["epochs=3", "evals_per_epoch=2", "batch_size=20", "early_stopping.enabled=false"]
+
+
+def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            found |= all_artifacts(client, run_id, item.path)
+        else:
+            found.add(item.path)
+    return found
+
+
+def all_runs(client: MlflowClient) -> list:
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+def tiny_test_set(tiny_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(tiny_data / "mnist.npz", allow_pickle=False) as saved:
+        return saved["test_images"], saved["test_labels"].astype(np.int64)
+
+
+def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    done = run_train([f"data.dir={tiny_data}", *SHORT], tracking_uri, tmp_path / "work")
+    assert done.returncode == 0, done.stderr
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("logistic-2v3")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "logistic-2v3 lambda=0.0 lr=0.5 epochs=3 evals_per_epoch=2 " \
+        "batch_size=20 early_stopping.enabled=false"
+
+    params = run.data.params
+    assert params["lambda"] == "0.0" and params["lr"] == "0.5"
+    assert params["model.name"] == "logistic" and params["model.digits"] == "[2, 3]"
+    assert params["epochs"] == "3" and params["schedule.decay"] == "0.1"
+    assert "data.dir" not in params and "mlflow.tracking_uri" not in params
+    assert not any(str(tiny_data) in value or "sqlite" in value for value in params.values())
+
+    tags = run.data.tags
+    assert tags["data_hash"] == hashlib.sha256((tiny_data / "mnist.npz").read_bytes()).hexdigest()
+    assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
+    assert "epochs=3" in tags["overrides"] and "error" not in tags
+
+    # 4 steps per epoch, evaluated twice per epoch (steps 2 and 4), for 3 epochs
+    steps = None
+    for name in PER_STEP:
+        history = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        assert len(history) == 6, name
+        these = [m.step for m in history]
+        assert these == sorted(set(these)) and these == [2, 4, 6, 8, 10, 12], name
+        steps = steps or these
+        assert these == steps, name
+    for name in FINAL:
+        assert name in run.data.metrics, name
+    assert run.data.metrics["best/step"] in steps
+    assert run.data.metrics["final/test_accuracy"] > 0.9
+
+    assert all_artifacts(client, run.info.run_id) == RUN_ARTIFACTS
+
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.signature is not None
+    assert model.metadata.saved_input_example_info is not None
+    images, digits = tiny_test_set(tiny_data)
+    keep = np.isin(digits, [2, 3])
+    predicted = np.asarray(model.predict(images[keep].astype(np.float64)))
+    assert set(np.unique(predicted)) <= {2, 3}
+    assert np.mean(predicted == digits[keep]) > 0.9
+
+
+def test_multirun_nests_three_jobs_under_one_parent(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    args = ["-m", "model=softmax", "lambda=0,0.01,0.1", f"data.dir={tiny_data}", *SHORT]
+    done = run_train(args, tracking_uri, tmp_path / "work")
+    assert done.returncode == 0, done.stderr
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("softmax")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(float(c.data.params["lambda"]) for c in children) == [0.0, 0.01, 0.1]
+    assert {c.info.run_name for c in children} == {
+        f"softmax lambda={lam} lr=0.5 epochs=3 evals_per_epoch=2 batch_size=20 "
+        "early_stopping.enabled=false"
+        for lam in ("0", "0.01", "0.1")
+    }
+
+    assert PARENT_ARTIFACTS <= all_artifacts(client, parent.info.run_id)
+    table = client.download_artifacts(parent.info.run_id, "tables/sweep_summary.csv", tmp_path)
+    rows = Path(table).read_text().strip().splitlines()
+    assert len(rows) == 1 + 3
+    for child in children:
+        assert all_artifacts(client, child.info.run_id) == RUN_ARTIFACTS | {
+            "plots/class_means_and_weights.png"
+        }
+
+    import mlflow
+
+    (unregularised,) = [c for c in children if c.data.params["lambda"] == "0"]
+    model = mlflow.pyfunc.load_model(f"runs:/{unregularised.info.run_id}/model")
+    images, digits = tiny_test_set(tiny_data)
+    predicted = np.asarray(model.predict(images.astype(np.float64)))
+    assert set(np.unique(predicted)) <= set(range(10))
+    assert np.mean(predicted == digits) > 0.8
+
+
+def test_a_diverging_job_fails_alone_and_the_parent_is_closed(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    # the tiny data are separable, so only the L2 term can blow up: |1 - 2 lr lambda| > 1
+    args = ["-m", "lr=0.1,1e6", "lambda=1", f"data.dir={tiny_data}", *SHORT]
+    done = run_train(args, tracking_uri, tmp_path / "work")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 2 jobs failed") and "diverged" in last
+
+    client = MlflowClient(tracking_uri)
+    runs = all_runs(client)
+    children = {r.data.params["lr"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert children["0.1"].info.status == "FINISHED"
+    assert children["1000000.0"].info.status == "FAILED"
+    assert "diverged" in children["1000000.0"].data.tags["error"]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["error"].startswith("1 of 2 jobs failed")
+    assert "plots/sweep_comparison.png" in all_artifacts(client, parent.info.run_id)
+
+
+REFUSED = {
+    # case: (arguments, what the one line must name)
+    "negative lambda": (["lambda=-1"], "lambda=-1"),
+    "zero lr": (["lr=0"], "lr=0"),
+    "zero batch size": (["batch_size=0"], "batch_size=0"),
+    "zero epochs": (["epochs=0"], "epochs=0"),
+    "unknown model": (["model=perceptron"], "model=perceptron"),
+    "unknown model name": (["model.name=perceptron"], "model.name=perceptron"),
+    "equal digits": (["model.digits=[2,2]"], "model.digits=[2, 2]"),
+    "digit out of range": (["model.digits=[2,10]"], "model.digits=[2, 10]"),
+    "zero training limit": (["limit_train=0"], "limit_train=0"),
+    "unknown key": (["foo=1"], "unknown key 'foo'"),
+    "unknown key added": (["+foo=1"], "unknown key 'foo'"),
+    "unknown nested key": (["schedule.bogus=1"], "unknown key 'schedule.bogus'"),
+    "not a number": (["lr=fast"], "lr=fast"),
+    "sweep with a refused job": (["-m", "lambda=0.1,-1"], "lambda=-1"),
+    "sweep with an unknown model": (["-m", "model=logistic,perceptron"], "model=perceptron"),
+    "sweep with an unknown key": (["-m", "foo=1,2"], "unknown key 'foo'"),
+    "missing data": (["data.dir=MISSING"], "dvc repro"),
+    "sweep on missing data": (["-m", "lambda=0,0.1", "data.dir=MISSING"], "dvc repro"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_runs(
+    tiny_data: Path, mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[subprocess.CompletedProcess[str], str]]:
+    """Every refused config, run at once (they are independent) in its own store."""
+    started = {}
+    for case, (args, _) in REFUSED.items():
+        work = tmp_path_factory.mktemp("refused")
+        uri = copy_store(mlflow_template, work / "store")
+        missing = work / "no-data"
+        full = [a.replace("MISSING", str(missing)) for a in args]
+        if not any(a.startswith("data.dir=") for a in full):
+            full.append(f"data.dir={tiny_data}")
+        process = subprocess.Popen(
+            train_command(full, work),
+            cwd=work,
+            env=train_env(uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started[case] = (process, uri, full)
+    results = {}
+    for case, (process, uri, full) in started.items():
+        stdout, stderr = process.communicate(timeout=240)
+        results[case] = (subprocess.CompletedProcess(full, process.returncode, stdout, stderr), uri)
+    return results
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_refused_config_stops_with_one_line_and_no_run(
+    case: str, refused_runs: dict[str, tuple[subprocess.CompletedProcess[str], str]]
+) -> None:
+    done, uri = refused_runs[case]
+    expected = REFUSED[case][1]
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert all_runs(MlflowClient(uri)) == []
+
+
+def test_help_and_cfg_job(tracking_uri: str, tmp_path: Path) -> None:
+    shown = run_train(["--cfg", "job"], tracking_uri, tmp_path / "cfg")
+    assert shown.returncode == 0, shown.stderr
+    assert "lambda: 0.0" in shown.stdout and "name: logistic" in shown.stdout
+    helped = run_train(["--help"], tracking_uri, tmp_path / "help")
+    assert helped.returncode == 0, helped.stderr
+    assert "model: logistic, softmax" in helped.stdout
+
+
+def test_ctrl_c_ends_the_runs_killed(tiny_data: Path, tracking_uri: str, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["-m", "lambda=0,0.1", f"data.dir={tiny_data}", "epochs=100000", "batch_size=20"]
+    args.append("early_stopping.enabled=false")  # the first job must still run at Ctrl-C
+    process = subprocess.Popen(
+        train_command(args, work),
+        cwd=work,
+        env=train_env(tracking_uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(tracking_uri)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = all_runs(client)
+            if any("mlflow.parentRunId" in r.data.tags for r in runs):
+                break
+            assert process.poll() is None, process.communicate()[1]
+            time.sleep(0.5)
+        time.sleep(1.0)  # well inside the training loop
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    runs = all_runs(client)
+    assert len(runs) == 2  # the parent and the first job; the second never started
+    assert {r.info.status for r in runs} == {"KILLED"}
