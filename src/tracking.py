@@ -130,10 +130,9 @@ class MetricLogger(Callback):
             Metric(key, float(value), now, evaluation.step)
             for key, value in evaluation.metrics.items()
         )
-        if (
-            len(self.pending) >= MAX_METRICS_PER_BATCH
-            or time.monotonic() - self.last_flush > FLUSH_SECONDS
-        ):
+        if len(self.pending) >= MAX_METRICS_PER_BATCH:
+            self.flush(whole_batches=True)
+        elif time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def log(self, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -141,11 +140,15 @@ class MetricLogger(Callback):
         now = int(time.time() * 1000)
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
-    def flush(self) -> None:
-        """Hand every queued metric to the writer thread."""
-        if self.pending and self.writer.is_alive():
-            self.batches.put(self.pending)
-        self.pending = []
+    def flush(self, whole_batches: bool = False) -> None:
+        """Hand the queued metrics to the writer thread (only full batches if
+        ``whole_batches``, so that every call to the store carries as much as it may)."""
+        cut = len(self.pending)
+        if whole_batches:
+            cut -= cut % MAX_METRICS_PER_BATCH
+        if cut and self.writer.is_alive():
+            self.batches.put(self.pending[:cut])
+        self.pending = self.pending[cut:]
         self.last_flush = time.monotonic()
 
     def close(self) -> None:

@@ -1,0 +1,217 @@
+"""src/tracking.py and src/serving.py in process: batching, run endings, the sweep parent,
+the served model. The CLI tests (test_train_cli.py) cover the same paths end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from src import tracking
+from src.config import PROJECT_ROOT, validate
+from src.serving import DigitClassifier
+from src.train import load_splits, train_tracked
+from src.training import Callback, Evaluation
+
+METRICS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "weights/norm"]
+
+
+def evaluation(step: int, steps_per_epoch: int = 10) -> Evaluation:
+    values = {name: 1.0 / step for name in METRICS}
+    return Evaluation(step=step, epoch=step / steps_per_epoch, metrics=values)
+
+
+class RecordingClient:
+    """Stands in for MlflowClient.log_batch, recording every call."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[Metric]] = []
+        self.fail = fail
+
+    def log_batch(self, run_id: str, metrics: list[Metric]) -> None:
+        if self.fail:
+            raise RuntimeError("the store is read-only")
+        self.calls.append(list(metrics))
+
+
+def test_metrics_are_written_in_batches_of_at_most_a_thousand() -> None:
+    client = RecordingClient()
+    logger = tracking.MetricLogger(client, "run")  # type: ignore[arg-type]
+    for step in range(1, 401):
+        logger.on_evaluation(evaluation(step))
+    logger.log({"final/val_accuracy": 0.9, "best/step": 12}, step=12)
+    logger.close()
+    written = [m for call in client.calls for m in call]
+    assert len(written) == 400 * len(METRICS) + 2
+    assert all(len(call) <= tracking.MAX_METRICS_PER_BATCH for call in client.calls)
+    assert len(client.calls) == 3  # 2402 metrics: two full batches and the rest
+    steps = sorted({m.step for m in written if m.key == "val/loss"})
+    assert steps == list(range(1, 401))
+    assert {(m.key, m.step, m.value) for m in written if m.key == "best/step"} == {
+        ("best/step", 12, 12.0)
+    }
+
+
+def test_a_store_error_while_logging_metrics_reaches_the_training() -> None:
+    logger = tracking.MetricLogger(RecordingClient(fail=True), "run")  # type: ignore[arg-type]
+    for step in range(1, 200):
+        logger.on_evaluation(evaluation(step))
+    with pytest.raises(RuntimeError, match="read-only"):
+        logger.close()
+
+
+def test_curves_are_drawn_against_the_epoch() -> None:
+    curves = tracking.curves_from_history([evaluation(s, steps_per_epoch=4) for s in (2, 4, 6)])
+    epochs, values = curves["val/loss"]
+    np.testing.assert_allclose(epochs, [0.5, 1.0, 1.5])
+    np.testing.assert_allclose(values, [1 / 2, 1 / 4, 1 / 6])
+    assert set(curves) == set(METRICS)
+    assert tracking.curves_from_history([]) == {}
+
+
+def test_the_parent_reference_travels_through_the_sweep_directory(tmp_path: Path) -> None:
+    assert tracking.read_parent(tmp_path) is None
+    parent = tracking.ParentRef(run_id="abc", experiment_id="7")
+    tracking.write_parent(tmp_path / "sweep", parent)
+    assert tracking.read_parent(tmp_path / "sweep") == parent
+
+
+def test_artifacts_of_a_sqlite_store_live_beside_it(tmp_path: Path) -> None:
+    where = tracking.artifact_location(f"sqlite:///{tmp_path / 'mlflow.db'}", "logistic 2v3")
+    assert where == (tmp_path / "mlartifacts" / "logistic_2v3").as_uri()
+    assert tracking.artifact_location("http://127.0.0.1:5000", "x") is None
+
+
+def test_ending_a_run_records_the_reason_once(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    exp = tracking.experiment_id(client, "e")
+    assert tracking.experiment_id(client, "e") == exp
+    run_id = client.create_run(exp).info.run_id
+    tracking.end_run(tracking_uri, run_id, tracking.FAILED, error="it broke")
+    tracking.end_run(tracking_uri, run_id, tracking.FINISHED)  # already ended: left alone
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "it broke"
+
+
+def test_a_job_that_failed_before_its_run_is_recorded_under_the_parent(
+    tracking_uri: str,
+) -> None:
+    parent = tracking.start_parent(tracking_uri, "sweeps", "a sweep", {"overrides": "x"})
+    run_id = tracking.failed_run(tracking_uri, "sweeps", "job", {}, "bad data", parent)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "bad data"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def _child(client: MlflowClient, parent: tracking.ParentRef, lam: float, folder: Path) -> str:
+    run = client.create_run(
+        parent.experiment_id,
+        run_name=f"logistic-2v3 lambda={lam}",
+        tags={"mlflow.parentRunId": parent.run_id, "steps_per_epoch": "10"},
+    )
+    run_id = run.info.run_id
+    client.log_batch(
+        run_id,
+        metrics=[Metric("val/accuracy", 0.5 + s / 100, 0, s) for s in (5, 10, 15)]
+        + [Metric("final/val_accuracy", 0.6, 0, 10), Metric("best/step", 10, 0, 10)],
+    )
+    params = {"lambda": str(lam), "lr": "0.5", "seed": "0", "model.name": "logistic"}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    weights = folder / f"{lam}" / "weights"
+    weights.mkdir(parents=True)
+    np.savez(weights / "weights.npz", weights=np.full(784, lam, np.float32), bias=0.0,
+             labels=np.array([3, 2]))
+    client.log_artifacts(run_id, str(weights.parent))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_finishing_a_sweep_draws_the_comparison_and_closes_the_parent(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(tracking_uri)
+    parent = tracking.start_parent(tracking_uri, "sweeps", "a sweep", {})
+    for lam in (0.01, 0.1):
+        _child(client, parent, lam, tmp_path)
+    tracking.failed_run(tracking_uri, "sweeps", "diverged job", {}, "diverged", parent)
+
+    summary = tracking.finish_parent(tracking_uri, parent)
+    assert (summary.n_jobs, summary.n_failed, summary.first_error) == (3, 1, "diverged")
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("1 of 3 jobs")
+    names = {a.path for d in ("plots", "tables") for a in client.list_artifacts(parent.run_id, d)}
+    assert names == {
+        "plots/sweep_comparison.png",
+        "plots/weight_norm_vs_lambda.png",
+        "plots/weights_by_lambda.png",
+        "tables/sweep_summary.csv",
+    }
+    table = client.download_artifacts(parent.run_id, "tables/sweep_summary.csv", str(tmp_path))
+    rows = list(csv.DictReader(Path(table).open()))
+    assert sorted(r["status"] for r in rows) == ["FAILED", "FINISHED", "FINISHED"]
+    assert {r["lambda"] for r in rows} == {"0.01", "0.1", ""}
+
+
+def test_an_interrupted_sweep_parent_ends_killed(tracking_uri: str) -> None:
+    parent = tracking.start_parent(tracking_uri, "sweeps", "a sweep", {})
+    tracking.finish_parent(tracking_uri, parent, interrupted=True)
+    assert MlflowClient(tracking_uri).get_run(parent.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("shape", [(784,), (784, 10)])
+def test_the_served_model_predicts_digits_from_raw_pixels(tmp_path: Path, shape: tuple) -> None:
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=shape).astype(np.float32)
+    labels = np.array([3, 2]) if len(shape) == 1 else np.arange(10)
+    bias = np.float32(0.0) if len(shape) == 1 else np.zeros(10, np.float32)
+    np.savez(tmp_path / "w.npz", weights=weights, bias=bias, labels=labels)
+    served = DigitClassifier()
+    served.load_context(SimpleNamespace(artifacts={"weights": str(tmp_path / "w.npz")}))
+    pixels = rng.integers(0, 256, size=(5, 784))
+    predicted = served.predict(None, pixels)
+    logits = (pixels / 255.0) @ weights
+    expected = labels[(logits > 0).astype(int)] if len(shape) == 1 else logits.argmax(1)
+    np.testing.assert_array_equal(predicted, expected)
+    assert served.predict(None, pixels[0]).shape == (1,)
+    with pytest.raises(ValueError, match="784"):
+        served.predict(None, np.zeros((2, 100)))
+
+
+class StopAt(Callback):
+    """Raises ``error`` at the given evaluation, as Ctrl-C or a failure would."""
+
+    def __init__(self, error: BaseException, at: int = 2) -> None:
+        self.error, self.at, self.seen = error, at, 0
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(KeyboardInterrupt(), "KILLED"), (ValueError("boom"), "FAILED")]
+)
+def test_a_run_stopped_in_training_never_stays_running(
+    tiny_data: Path, tracking_uri: str, error: BaseException, status: str
+) -> None:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"data.dir={tiny_data}", "epochs=2"])
+    settings = validate(cfg)
+    with pytest.raises(type(error)):
+        train_tracked(
+            settings, load_splits(settings), "stopped", {}, "a: 1\n", None, [StopAt(error)]
+        )
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("logistic-2v3").experiment_id])
+    assert run.info.status == status
+    assert run.data.tags["error"] == ("interrupted" if status == "KILLED" else "boom")
+    # the metrics of the evaluations up to the stop (the logger sees each one first) are kept
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2
