@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,19 +242,16 @@ def log_model(weights_file: Path) -> None:
     # two rows of pixel values, as a user sends them
     example = np.zeros((2, n_features), dtype=np.float64)
     example[1, : n_features // 2] = 255.0
-    with warnings.catch_warnings():
-        # MLflow asks for type hints on predict; the explicit signature says the same
-        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
-        mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PROJECT_ROOT / "src" / "serving.py"),
-            artifacts={"weights": str(weights_file)},
-            code_paths=[str(PROJECT_ROOT / "src")],
-            signature=signature,
-            input_example=example,
-            # explicit: inferring requirements would import and time the model in a subprocess
-            pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
-        )
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PROJECT_ROOT / "src" / "serving.py"),
+        artifacts={"weights": str(weights_file)},
+        code_paths=[str(PROJECT_ROOT / "src")],
+        signature=signature,
+        input_example=example,
+        # explicit: inferring requirements would import and time the model in a subprocess
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+    )
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,8 @@ def main() -> None:
     """Entry point: run Hydra, turn its errors into one line, close any open sweep parent."""
     # Hydra re-raises errors to us whole instead of printing them over several lines.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # MLflow draws a download bar when it checks the logged model: noise in the log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         hydra_main()

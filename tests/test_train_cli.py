@@ -299,3 +299,50 @@ def test_ctrl_c_ends_the_runs_killed(tiny_data: Path, tracking_uri: str, tmp_pat
     runs = all_runs(client)
     assert len(runs) == 2  # the parent and the first job; the second never started
     assert {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_the_dvc_train_stage_writes_what_dvc_yaml_declares(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    import json
+    import sys
+
+    import yaml
+
+    from tests.conftest import PROJECT_ROOT
+
+    reports = tmp_path / "reports"
+    done = subprocess.run(
+        [sys.executable, "-m", "src.stage", f"data.dir={tiny_data}", *SHORT,
+         "--reports", str(reports)],
+        cwd=tmp_path,
+        env=train_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert set(metrics) == {"logistic-2v3", "softmax"}
+    for task in metrics.values():
+        assert set(task) == {f"{s}_{k}" for s in ("train", "val", "test")
+                             for k in ("accuracy", "loss")} | {"best_step"}
+    rows = (reports / "plots" / "logistic-2v3.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,train_loss,train_accuracy,val_loss,val_accuracy," \
+        "test_loss,test_accuracy"
+    assert len(rows) == 1 + 6  # 3 epochs, 2 evaluations each
+
+    runs = all_runs(MlflowClient(tracking_uri))
+    assert sorted(r.data.tags["task"] for r in runs) == ["logistic-2v3", "softmax"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    train = stage["stages"]["train"]
+    assert train["cmd"] == "python -m src.stage"
+    assert [next(iter(m)) for m in train["metrics"]] == ["reports/metrics.json"]
+    assert [next(iter(p)) for p in train["plots"]] == ["reports/plots"]
+    plotted = {path for plot in stage["plots"] for spec in plot.values() for path in spec["y"]}
+    assert plotted == {"reports/plots/logistic-2v3.csv", "reports/plots/softmax.csv"}
+    assert {"data/processed", "conf", "src/train.py", "src/stage.py"} <= set(train["deps"])

@@ -1,0 +1,111 @@
+"""The DVC ``train`` stage: train the default experiments, track them, write reports/ for DVC.
+
+    dvc repro                          # runs this after the data stages
+    python -m src.stage                # the same by hand
+    python -m src.stage epochs=5       # any override of conf/ applies to both experiments
+
+Trains logistic regression (2 against 3) and softmax regression (ten digits) with the
+defaults of conf/, one MLflow run each (in the default store, ``MLFLOW_TRACKING_URI`` if set),
+and writes ``reports/metrics.json`` (the final metrics of both, for ``dvc metrics show``)
+and ``reports/plots/<task>.csv`` (the curves, for ``dvc plots show``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from src.config import PROJECT_ROOT, ConfigError, config_yaml, run_name, validate
+from src.data import DataError
+from src.train import Progress, job_tags, load_splits, one_line, train_tracked
+from src.training import DivergenceError, TrainResult
+
+# The default experiments: each one's overrides of conf/config.yaml.
+EXPERIMENTS = {"logistic-2v3": ["model=logistic"], "softmax": ["model=softmax"]}
+CURVE_COLUMNS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy",
+                 "test/loss", "test/accuracy"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def curves_csv(result: TrainResult) -> str:
+    """The per-evaluation metrics as CSV: step, epoch, then ``train_loss``, ``val_accuracy``..."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "epoch", *(name.replace("/", "_") for name in CURVE_COLUMNS)])
+    for evaluation in result.history:
+        row = [evaluation.metrics[name] for name in CURVE_COLUMNS]
+        writer.writerow([evaluation.step, f"{evaluation.epoch:.4f}", *(f"{v:.6g}" for v in row)])
+    return out.getvalue()
+
+
+def summary(result: TrainResult) -> dict[str, float | int]:
+    """The final metrics of a run, named for ``dvc metrics show`` (``test_accuracy``...)."""
+    metrics: dict[str, float | int] = {
+        name.split("/", 1)[1]: round(float(value), 6)
+        for name, value in sorted(result.final.items())
+        if name.startswith("final/")
+    }
+    metrics["best_step"] = int(result.best_step)
+    return metrics
+
+
+def run(overrides: Sequence[str], reports: Path) -> dict[str, dict]:
+    """Train and track every default experiment; write the reports; return the metrics."""
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        configs = {
+            task: compose(config_name="config", overrides=[*base, *overrides])
+            for task, base in EXPERIMENTS.items()
+        }
+    checked = {task: validate(cfg) for task, cfg in configs.items()}  # all, before any work
+    metrics: dict[str, dict] = {}
+    for task, settings in checked.items():
+        given = [*EXPERIMENTS[task], *overrides]
+        splits = load_splits(settings)
+        tags = {**job_tags(settings, given, None), "source": "dvc repro (src.stage)"}
+        name = run_name(settings, given)
+        progress = Progress(settings.train.epochs, name)
+        try:
+            result, run_id = train_tracked(
+                settings, splits, name, tags, config_yaml(configs[task]), None, [progress]
+            )
+        finally:
+            progress.close()
+        metrics[task] = summary(result)
+        write_atomic(reports / "plots" / f"{task}.csv", curves_csv(result))
+        print(f"{name}: test accuracy {result.final['final/test_accuracy']:.4f} "
+              f"(MLflow run {run_id})")
+    write_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. epochs=5")
+    parser.add_argument("--reports", type=Path, default=PROJECT_ROOT / "reports",
+                        help="where metrics.json and plots/ go (default: reports/)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a TTY
+    try:
+        run(args.overrides, args.reports)
+    except (ConfigError, DataError, DivergenceError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+if __name__ == "__main__":
+    main()
