@@ -11,6 +11,7 @@ progress bars plug in through :class:`Callback`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,9 @@ class TrainConfig:
         validation loss, and keep the best weights. When False, all epochs run and the
         last weights are kept.
     patience : int
-        See ``early_stopping`` (the report stopped after 4 worse checks in a row).
+        See ``early_stopping`` (the report stopped after 4 worse checks in a row). It
+        counts evaluations, not epochs: with ``evals_per_epoch=20``, 4 is a fifth of an
+        epoch.
     seed : int
         Seeds the per-epoch permutation of the training set.
     """
@@ -124,7 +127,7 @@ class TrainConfig:
             raise ValueError(f"l2 (lambda) must be a finite number >= 0, got {self.l2}")
         for name in ("batch_size", "epochs", "evals_per_epoch", "patience"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -186,7 +189,11 @@ class Callback:
 
 
 class DivergenceError(RuntimeError):
-    """The loss became non-finite (inf or nan); ``step`` and ``value`` say where and what."""
+    """The loss became non-finite (inf or nan).
+
+    ``step`` is the update (counted from 1, as ``Evaluation.step``) after which it was
+    found; ``value`` is the non-finite loss.
+    """
 
     def __init__(self, step: int, value: float) -> None:
         super().__init__(
