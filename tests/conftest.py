@@ -61,9 +61,13 @@ def copy_store(template: Path, folder: Path) -> str:
 
 @pytest.fixture
 def tracking_uri(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh store in tmp_path, also set as ``MLFLOW_TRACKING_URI`` for in-process code."""
+    """A fresh store in tmp_path, also the store of in-process code (``MLFLOW_TRACKING_URI``
+    and MLflow's global URI, which an earlier in-process run may have set elsewhere)."""
+    import mlflow
+
     uri = copy_store(mlflow_template, tmp_path / "store")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
     return uri
 
 
