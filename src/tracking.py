@@ -19,13 +19,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -107,7 +107,7 @@ class MetricLogger(Callback):
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.error: BaseException | None = None
-        self.batches: queue.Queue[list[Metric] | None] = queue.Queue()
+        self.batches: queue.Queue[list[Metric] | Callable[[], None] | None] = queue.Queue()
         self.writer = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
         self.writer.start()
 
@@ -116,12 +116,20 @@ class MetricLogger(Callback):
             if self.error is not None:
                 continue  # keep draining; the first error is reported by close()
             try:
+                if callable(batch):
+                    batch()
+                    continue
                 for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
                     self.client.log_batch(
                         self.run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH]
                     )
             except BaseException as error:  # handed to the training thread by close()
                 self.error = error
+
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the writer thread, in order with the metric batches (for slow
+        bookkeeping that need not delay the training, such as hashing the data)."""
+        self.batches.put(work)
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
         now = int(time.time() * 1000)
@@ -329,7 +337,10 @@ class JobRun:
         run_name: str,
         tags: Mapping[str, str],
         parent: ParentRef | None = None,
+        slow_tags: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
+        """Start the run with ``tags`` and the params; ``slow_tags`` (the git commit, the
+        data's hash) are computed and logged on the writer thread while training runs."""
         import mlflow
 
         self.settings = settings
@@ -351,6 +362,12 @@ class JobRun:
             self.run_id, params=[Param(k, v) for k, v in settings.params.items()]
         )
         self.metrics = MetricLogger(self.client, self.run_id)
+        if slow_tags is not None:
+            self.metrics.submit(
+                lambda: self.client.log_batch(
+                    self.run_id, tags=[RunTag(k, v) for k, v in slow_tags().items()]
+                )
+            )
 
     def log_result(self, result: TrainResult, splits: Splits, config_yaml: str) -> None:
         """Log the final metrics, every artifact and the served model."""

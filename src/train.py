@@ -103,18 +103,18 @@ def one_line(error: BaseException) -> str:
 
 
 def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | None) -> dict:
-    """Tags of a job's run: git commit, data hash, overrides, task."""
-    from src import tracking
-
-    tags = {
-        "git_commit": tracking.git_commit(),
-        "data_hash": data_hash(settings.data_dir),
-        "overrides": " ".join(overrides) or "(none)",
-        "task": settings.task,
-    }
+    """Tags of a job's run known at once: the overrides, the task, the experiment."""
+    tags = {"overrides": " ".join(overrides) or "(none)", "task": settings.task}
     if experiment:
         tags["experiment"] = experiment
     return tags
+
+
+def source_tags(settings: Settings) -> dict[str, str]:
+    """Tags that take a moment (hashing ~50 MB, asking git): the code and the data."""
+    from src import tracking
+
+    return {"git_commit": tracking.git_commit(), "data_hash": data_hash(settings.data_dir)}
 
 
 def train_tracked(
@@ -131,7 +131,7 @@ def train_tracked(
     the error is raised again."""
     from src import tracking  # MLflow loads in a second: not for a refused config
 
-    job = tracking.JobRun(settings, name, tags, parent)
+    job = tracking.JobRun(settings, name, tags, parent, slow_tags=lambda: source_tags(settings))
     try:
         result = train(build_model(settings), splits, settings.train, [job.metrics, *callbacks])
         job.log_result(result, splits, config_text)
