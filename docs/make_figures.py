@@ -4,6 +4,7 @@ Run from the project root, after `dvc repro` has made data/processed/mnist.npz:
 
     .venv/bin/python docs/make_figures.py            # runs the experiments (a few minutes)
     .venv/bin/python docs/make_figures.py --no-run   # copies from the newest runs in the store
+    .venv/bin/python docs/make_figures.py --only task2_2   # one experiment (repeatable)
 
 Each experiment is the one command the README gives for it (`python -m src.train ...`),
 logged to the project's MLflow store (`$MLFLOW_TRACKING_URI`, else `mlflow.db` at the root).
@@ -128,10 +129,17 @@ def main() -> None:
     parser.add_argument(
         "--no-run", action="store_true", help="copy from the newest runs, run nothing"
     )
+    parser.add_argument(
+        "--only",
+        metavar="EXPERIMENT",
+        action="append",
+        help="only this experiment's figures (repeatable), e.g. --only task2_2",
+    )
     options = parser.parse_args()
     client = MlflowClient(tracking_uri=default_tracking_uri())
     tops = {}
-    for source in SOURCES:
+    sources = [s for s in SOURCES if not options.only or s.experiment in options.only]
+    for source in sources:
         since_ms = None
         if not options.no_run:
             print("$", " ".join(["python", *source.command()[1:]]), flush=True)
@@ -141,6 +149,8 @@ def main() -> None:
     IMAGE_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for source, which, artifact, name in FIGURES:
+            if source not in tops:
+                continue
             run = tops[source]
             if which.startswith("lambda="):
                 run = child_with_lambda(client, run, float(which.split("=", 1)[1]))

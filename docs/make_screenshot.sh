@@ -36,12 +36,13 @@ EOF
 
 # Telemetry off: the UI must not try to reach anything beyond this machine.
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
-setsid .venv/bin/mlflow ui --backend-store-uri "$STORE" --host 127.0.0.1 --port "$PORT" \
-    > "${TMPDIR:-/tmp}/mlflow_ui_screenshot.log" 2>&1 &
-UI_PID=$!
 PROFILE=$(mktemp -d)
-# setsid made the UI the leader of its own process group: end the group (its workers too).
-trap 'kill -- -"$UI_PID" 2>/dev/null || true; rm -rf "$PROFILE"' EXIT
+# A new session, so the UI and its workers form one process group whose id is the pid the
+# shell records before exec'ing into the UI; the trap ends that group and only that group.
+setsid bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$PROFILE/ui.pid" \
+    .venv/bin/mlflow ui --backend-store-uri "$STORE" --host 127.0.0.1 --port "$PORT" \
+    > "$PROFILE/ui.log" 2>&1 &
+trap 'kill -- -"$(cat "$PROFILE/ui.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$PROFILE"' EXIT
 for _ in $(seq 60); do
     curl -sf -o /dev/null "$URL/" && break
     sleep 1
@@ -57,7 +58,7 @@ shoot() {  # shoot <output png> <url>
     # A 256-colour palette keeps a screenshot of flat UI colours well under 150 KB; written
     # beside the target and renamed into place.
     .venv/bin/python -c "import sys; from PIL import Image; \
-Image.open(sys.argv[1]).convert('RGB').quantize(256).save(sys.argv[2], 'PNG', optimize=True)" \
+Image.open(sys.argv[1]).convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE).save(sys.argv[2], 'PNG', optimize=True)" \
         "$raw" "$1.tmp"
     mv -f "$1.tmp" "$1"
     echo "$1: $(stat -c %s "$1") bytes"

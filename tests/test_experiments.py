@@ -66,7 +66,7 @@ EXPECTED = {
     ),
     "task2_2": Expected(
         "logistic",
-        {"epochs": 20, "evals_per_epoch": 20, "limit_train": 1000},
+        {"epochs": 20, "evals_per_epoch": 20, "limit_train": 1000, "early_stopping.enabled": False},
         (0.01, 0.001, 0.0001),
     ),
     "task3": Expected(
