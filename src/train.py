@@ -168,22 +168,25 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
 def _run_checked(
     cfg: DictConfig, settings: Settings, multirun: bool, overrides: list[str]
 ) -> dict[str, float] | None:
-    from src import tracking
-
     hydra_cfg = HydraConfig.get()
-    parent = tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None
     name = run_name(settings, overrides)
-    experiment = hydra_cfg.runtime.choices.get("experiment")
+    tags = job_tags(settings, overrides, hydra_cfg.runtime.choices.get("experiment"))
+    data_error: DataError | None = None
     try:
         splits = load_splits(settings)
-        tags = job_tags(settings, overrides, experiment)
     except DataError as error:
         if not multirun:
             raise
+        data_error = error
+    from src import tracking  # after the data: a missing file is reported without MLflow
+
+    parent = tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None
+    if data_error is not None:  # a sweep shows every job, this one FAILED
         tracking.failed_run(
-            settings.tracking_uri, settings.experiment_name, name, {}, one_line(error), parent
+            settings.tracking_uri, settings.experiment_name, name, tags, one_line(data_error),
+            parent,
         )
-        log.error("job %s failed: %s", name, one_line(error))
+        log.error("job %s failed: %s", name, one_line(data_error))
         return None
 
     log.info("training %s (%d training images)", name, len(splits.train))

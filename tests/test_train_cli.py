@@ -346,3 +346,19 @@ def test_the_dvc_train_stage_writes_what_dvc_yaml_declares(
     plotted = {path for plot in stage["plots"] for spec in plot.values() for path in spec["y"]}
     assert plotted == {"reports/plots/logistic-2v3.csv", "reports/plots/softmax.csv"}
     assert {"data/processed", "conf", "src/train.py", "src/stage.py"} <= set(train["deps"])
+
+
+def test_a_sweep_on_unreadable_data_records_every_job_failed(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "mnist.npz").write_bytes(b"not a zip archive")
+    done = run_train(["-m", "lambda=0,0.1", f"data.dir={corrupt}"], tracking_uri, tmp_path / "w")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: 2 of 2 jobs failed")
+    runs = all_runs(MlflowClient(tracking_uri))
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3 and len(children) == 2
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all("dvc repro" in c.data.tags["error"] for c in children)
