@@ -388,13 +388,18 @@ class JobRun:
         """End the run; queued metrics are written first when possible."""
         import mlflow
 
+        interrupted = False
         try:
             self.metrics.close()
+        except KeyboardInterrupt:  # a second Ctrl-C while the last metrics are written
+            status, error, interrupted = KILLED, "interrupted", True
         except Exception:  # the run must still end, whatever the store says about metrics
             log.warning("could not write the last metrics of run %s", self.run_id)
         if error is not None:
             self.client.set_tag(self.run_id, ERROR_TAG, error[:5000])
         mlflow.end_run(status=status)
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
