@@ -358,10 +358,17 @@ class JobRun:
             tags=dict(tags),
         )
         self.run_id = active.info.run_id
-        self.client.log_batch(
-            self.run_id, params=[Param(k, v) for k, v in settings.params.items()]
-        )
-        self.metrics = MetricLogger(self.client, self.run_id)
+        try:
+            self.client.log_batch(
+                self.run_id, params=[Param(k, v) for k, v in settings.params.items()]
+            )
+            self.metrics = MetricLogger(self.client, self.run_id)
+        except BaseException as error:  # the run exists: it must not stay RUNNING
+            interrupted = isinstance(error, KeyboardInterrupt)
+            reason = "interrupted" if interrupted else " ".join(str(error).split())
+            self.client.set_tag(self.run_id, ERROR_TAG, reason[:5000])
+            mlflow.end_run(status=KILLED if interrupted else FAILED)
+            raise
         if slow_tags is not None:
             self.metrics.submit(
                 lambda: self.client.log_batch(

@@ -284,8 +284,8 @@ def test_ctrl_c_ends_the_runs_killed(tiny_data: Path, tracking_uri: str, tmp_pat
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             runs = all_runs(client)
-            if any("mlflow.parentRunId" in r.data.tags for r in runs):
-                break
+            if any("mlflow.parentRunId" in r.data.tags and r.data.params for r in runs):
+                break  # the job's run has its params: it is about to train
             assert process.poll() is None, process.communicate()[1]
             time.sleep(0.5)
         time.sleep(1.0)  # well inside the training loop
