@@ -1,8 +1,8 @@
 """The one place that speaks MLflow: job runs, batched metrics, artifacts, models, sweep parents.
 
 A training job is one MLflow run (:class:`JobRun`). Metrics reach MLflow in batches through
-:class:`MetricLogger`, a :class:`src.training.Callback`, because one SQLite write per metric
-per step would cost more than the training itself. A multirun gets one parent run, created
+:class:`MetricLogger`, a :class:`src.training.Callback` that writes from a background thread,
+because one SQLite write per metric per step would cost more than the training itself. A multirun gets one parent run, created
 by :func:`start_parent` before any job, whose id travels to the jobs through a small file in
 the sweep directory (:func:`write_parent` / :func:`read_parent`), so jobs may run in other
 processes. :func:`finish_parent` draws the comparison from the children and closes it.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -40,11 +40,8 @@ PARENT_FILE = "mlflow_parent.json"
 MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
 FLUSH_SECONDS = 5.0  # live curves in `mlflow ui` at most this old, few writes per run
 FIGURE_DPI = 80  # small PNGs, fast to render
-SPLITS = ("train", "val", "test")
-ERROR_TAG = "error"
-FAILED, FINISHED, KILLED = (RunStatus.to_string(s) for s in (RunStatus.FAILED,
-                                                              RunStatus.FINISHED,
-                                                              RunStatus.KILLED))
+ERROR_TAG = "error"  # why a run FAILED or was KILLED
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's RunStatus names
 
 
 def git_commit() -> str:
