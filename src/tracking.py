@@ -1,11 +1,12 @@
 """The one place that speaks MLflow: job runs, batched metrics, artifacts, models, sweep parents.
 
 A training job is one MLflow run (:class:`JobRun`). Metrics reach MLflow in batches through
-:class:`MetricLogger`, a :class:`src.training.Callback` that writes from a background thread,
-because one SQLite write per metric per step would cost more than the training itself. A multirun gets one parent run, created
-by :func:`start_parent` before any job, whose id travels to the jobs through a small file in
-the sweep directory (:func:`write_parent` / :func:`read_parent`), so jobs may run in other
-processes. :func:`finish_parent` draws the comparison from the children and closes it.
+:class:`MetricLogger`, a :class:`src.training.Callback` that writes from a background
+thread, because one SQLite write per metric per step would cost more than the training.
+A multirun gets one parent run, created by :func:`start_parent` before any job, whose id
+travels to the jobs through a small file in the sweep directory (:func:`write_parent`,
+:func:`read_parent`), so jobs may run in other processes. :func:`finish_parent` draws the
+comparison from the children and closes the parent.
 """
 
 from __future__ import annotations
