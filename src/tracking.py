@@ -94,9 +94,9 @@ class MetricLogger(Callback):
     """Buffers the per-evaluation metrics and writes them with ``log_batch`` from a
     background thread, so that the store's writes overlap the training's numpy work.
 
-    A batch leaves when ``MAX_METRICS_PER_BATCH`` metrics wait or ``FLUSH_SECONDS`` passed
-    since the last one (so `mlflow ui` shows a live run); :meth:`close` writes the rest and
-    waits for the thread, raising the first error the store gave.
+    The queued metrics leave every ``FLUSH_SECONDS`` (so `mlflow ui` shows a live run), in
+    calls of at most ``MAX_METRICS_PER_BATCH``; :meth:`close` writes the rest and waits for
+    the thread, raising the first error the store gave.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
@@ -135,9 +135,9 @@ class MetricLogger(Callback):
             Metric(key, float(value), now, evaluation.step)
             for key, value in evaluation.metrics.items()
         )
-        if len(self.pending) >= MAX_METRICS_PER_BATCH:
-            self.flush(whole_batches=True)
-        elif time.monotonic() - self.last_flush > FLUSH_SECONDS:
+        # By time only: writing while training competes with it for the GIL (measured by
+        # benchmarks/tracking_overhead.py), so a short run writes once, at the end.
+        if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def log(self, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -145,15 +145,11 @@ class MetricLogger(Callback):
         now = int(time.time() * 1000)
         self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
-    def flush(self, whole_batches: bool = False) -> None:
-        """Hand the queued metrics to the writer thread (only full batches if
-        ``whole_batches``, so that every call to the store carries as much as it may)."""
-        cut = len(self.pending)
-        if whole_batches:
-            cut -= cut % MAX_METRICS_PER_BATCH
-        if cut and self.writer.is_alive():
-            self.batches.put(self.pending[:cut])
-        self.pending = self.pending[cut:]
+    def flush(self) -> None:
+        """Hand the queued metrics to the writer thread (it cuts them into batches)."""
+        if self.pending and self.writer.is_alive():
+            self.batches.put(self.pending)
+        self.pending = []
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
