@@ -134,8 +134,7 @@ class SweepCallback(Callback):
             raise SweepRefused(error) from error
         from src import tracking  # MLflow loads in a second: not for a refused sweep
 
-        uris = {s.tracking_uri for s in jobs}
-        (uri,) = uris
+        uri = jobs[0].tracking_uri
         arguments = sweep_arguments(config)
         experiment, name = sweep_name(jobs, arguments)
         tags = {
