@@ -311,3 +311,13 @@ def test_labels_that_do_not_fit_the_model_are_refused():
         train(LogisticRegression(20), separable_splits(3), TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="features"):
         train(SoftmaxRegression(784, 3), separable_splits(3), TrainConfig(epochs=1))
+
+
+def test_training_leaves_the_data_untouched_and_keeps_the_weights_dtype():
+    splits = separable_splits(3)
+    before = [getattr(splits, name).images.copy() for name in ("train", "val", "test")]
+    model = SoftmaxRegression(20, 3, dtype=np.float64)
+    train(model, splits, TrainConfig(lr=0.5, batch_size=16, epochs=2, evals_per_epoch=2))
+    for name, images in zip(("train", "val", "test"), before, strict=True):
+        np.testing.assert_array_equal(getattr(splits, name).images, images)
+    assert model.weights.dtype == np.float64 and model.bias.dtype == np.float64
