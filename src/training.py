@@ -99,13 +99,12 @@ class TrainConfig:
         Evaluations per epoch on train/val/test, at evenly spaced steps, the last one at
         the end of the epoch (the report used 20).
     early_stopping : bool
-        Stop once ``patience`` evaluations in a row have not improved on the best
-        validation loss, and keep the best weights. When False, all epochs run and the
-        last weights are kept.
+        Stop once the validation loss has risen ``patience`` evaluations in a row (each
+        higher than the one before), and keep the weights of the lowest validation loss
+        seen. When False, all epochs run and the last weights are kept.
     patience : int
-        See ``early_stopping`` (the report stopped after 4 worse checks in a row). It
-        counts evaluations, not epochs: with ``evals_per_epoch=20``, 4 is a fifth of an
-        epoch.
+        See ``early_stopping`` (the report stopped after 4 rising checks in a row). It
+        counts evaluations, not epochs.
     seed : int
         Seeds the per-epoch permutation of the training set.
     """
@@ -256,10 +255,10 @@ def train(
     Each epoch visits the training set in the order of a fresh permutation from
     ``np.random.default_rng(config.seed)``. After update ``step`` the weights move by
     ``-learning_rate(step) * gradients(batch, l2)``. Evaluations (train, val, test) happen
-    ``evals_per_epoch`` times per epoch. Early stopping rule: an evaluation *improves* if
-    its validation loss is strictly lower than the best so far; once ``patience``
-    evaluations in a row have not improved, training stops and the weights of the best
-    evaluation are restored.
+    ``evals_per_epoch`` times per epoch. Early stopping rule (the report's): an evaluation
+    *rises* if its validation loss is strictly higher than the previous evaluation's; once
+    ``patience`` evaluations in a row have risen, training stops and the weights of the
+    evaluation with the lowest validation loss are restored.
 
     Parameters
     ----------
@@ -291,7 +290,7 @@ def train(
     history: list[Evaluation] = []
     best_val_loss, best_step, best_metrics = math.inf, 0, {}
     best_weights, best_bias = model.weights.copy(), _copy(model.bias)
-    evaluations_without_improvement = 0
+    previous_val_loss, rising_in_a_row = math.inf, 0
     stopped_early = False
     step = 0
     for _epoch in range(config.epochs):
@@ -325,17 +324,18 @@ def train(
             for callback in callbacks:
                 callback.on_evaluation(evaluation)
 
-            # Early stopping: a plain comparison with the best validation loss so far.
-            if metrics["val/loss"] < best_val_loss:
-                best_val_loss, best_step, best_metrics = metrics["val/loss"], step, metrics
-                evaluations_without_improvement = 0
+            # The kept weights: a plain comparison with the lowest validation loss so far.
+            val_loss = metrics["val/loss"]
+            if val_loss < best_val_loss:
+                best_val_loss, best_step, best_metrics = val_loss, step, metrics
                 if config.early_stopping:
                     best_weights, best_bias = model.weights.copy(), _copy(model.bias)
-            else:
-                evaluations_without_improvement += 1
-                if config.early_stopping and evaluations_without_improvement >= config.patience:
-                    stopped_early = True
-                    break
+            # Early stopping: `patience` rising validation losses in a row.
+            rising_in_a_row = rising_in_a_row + 1 if val_loss > previous_val_loss else 0
+            previous_val_loss = val_loss
+            if config.early_stopping and rising_in_a_row >= config.patience:
+                stopped_early = True
+                break
         if stopped_early:
             break
 

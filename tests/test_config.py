@@ -58,7 +58,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 
 def test_the_default_config() -> None:
     cfg = composed()
-    assert cfg["lambda"] == 0.0 and cfg.lr == 0.5 and cfg.model.name == "logistic"
+    assert cfg["lambda"] == 0.0 and cfg.lr == 1.0 and cfg.model.name == "logistic"
     assert list(cfg.model.digits) == [2, 3]
     settings = validate(cfg)
     assert settings.task == "logistic-2v3" and settings.experiment_name == "logistic-2v3"
@@ -79,7 +79,7 @@ def test_hydra_settings_keep_the_cwd_and_register_the_sweep_callback() -> None:
 def test_softmax_names_its_task_and_has_ten_labels() -> None:
     settings = validate(composed(["model=softmax", "lambda=0.01"]))
     assert settings.task == "softmax" and settings.labels == list(range(10))
-    assert run_name(settings, ["model=softmax", "lambda=0.01"]) == "softmax lambda=0.01 lr=0.5"
+    assert run_name(settings, ["model=softmax", "lambda=0.01"]) == "softmax lambda=0.01 lr=1.0"
     assert "model.digits" not in settings.params
 
 
@@ -87,7 +87,7 @@ def test_run_names_say_what_differs() -> None:
     overrides = ["lambda=0.1", "seed=2", "data.dir=/x", "hydra.verbose=true", "model=logistic"]
     settings = validate(composed(["lambda=0.1", "seed=2", "model.digits=[4,9]"]))
     assert settings.task == "logistic-4v9"
-    assert run_name(settings, overrides) == "logistic-4v9 lambda=0.1 lr=0.5 seed=2"
+    assert run_name(settings, overrides) == "logistic-4v9 lambda=0.1 lr=1.0 seed=2"
 
 
 def test_task_names() -> None:
@@ -98,7 +98,7 @@ def test_task_names() -> None:
 def test_params_are_the_flattened_config_without_paths_or_store() -> None:
     cfg = composed(["mlflow.tracking_uri=sqlite:////secret/place.db", "schedule.decay=0.2"])
     params = validate(cfg).params
-    assert params["lambda"] == "0.0" and params["lr"] == "0.5"
+    assert params["lambda"] == "0.0" and params["lr"] == "1.0"
     assert params["schedule.decay"] == "0.2" and params["early_stopping.enabled"] == "true"
     assert params["model.name"] == "logistic" and params["limit_train"] == "null"
     assert not any(key.startswith(("data.", "mlflow.")) for key in params)

@@ -83,11 +83,11 @@ def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "logistic-2v3 lambda=0.0 lr=0.5 epochs=3 evals_per_epoch=2 " \
+    assert run.info.run_name == "logistic-2v3 lambda=0.0 lr=1.0 epochs=3 evals_per_epoch=2 " \
         "batch_size=20 early_stopping.enabled=false"
 
     params = run.data.params
-    assert params["lambda"] == "0.0" and params["lr"] == "0.5"
+    assert params["lambda"] == "0.0" and params["lr"] == "1.0"
     assert params["model.name"] == "logistic" and params["model.digits"] == "[2, 3]"
     assert params["epochs"] == "3" and params["schedule.decay"] == "0.1"
     assert "data.dir" not in params and "mlflow.tracking_uri" not in params
@@ -146,7 +146,7 @@ def test_multirun_nests_three_jobs_under_one_parent(
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(float(c.data.params["lambda"]) for c in children) == [0.0, 0.01, 0.1]
     assert {c.info.run_name for c in children} == {
-        f"softmax lambda={lam} lr=0.5 epochs=3 evals_per_epoch=2 batch_size=20 "
+        f"softmax lambda={lam} lr=1.0 epochs=3 evals_per_epoch=2 batch_size=20 "
         "early_stopping.enabled=false"
         for lam in ("0", "0.01", "0.1")
     }

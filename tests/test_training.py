@@ -182,7 +182,7 @@ def test_history_steps_epochs_and_metrics():
 
 
 @pytest.mark.parametrize("patience", [1, 4])
-def test_early_stopping_fires_after_patience_worse_evaluations_and_restores_best(patience):
+def test_early_stopping_fires_after_patience_rising_evaluations_and_restores_best(patience):
     splits = flipped_val_splits()
     model = LogisticRegression(20)
     recorder = Recorder(model)
@@ -197,7 +197,7 @@ def test_early_stopping_fires_after_patience_worse_evaluations_and_restores_best
     result = train(model, splits, config, [recorder])
     val_losses = [e.metrics["val/loss"] for e in result.history]
     assert all(later > earlier for earlier, later in itertools.pairwise(val_losses))
-    # best at the first evaluation, then exactly `patience` worse ones, then stop
+    # best at the first evaluation, then exactly `patience` rising ones, then stop
     assert len(result.history) == 1 + patience
     assert result.stopped_early
     assert result.best_step == result.history[0].step == 1
@@ -210,14 +210,11 @@ def test_early_stopping_fires_after_patience_worse_evaluations_and_restores_best
 
 def expected_stop(val_losses: list[float], patience: int) -> int | None:
     """Index of the evaluation at which the documented rule stops, or None."""
-    best, without_improvement = math.inf, 0
-    for index, loss in enumerate(val_losses):
-        if loss < best:
-            best, without_improvement = loss, 0
-        else:
-            without_improvement += 1
-            if without_improvement >= patience:
-                return index
+    rising = 0
+    for index, (previous, loss) in enumerate(itertools.pairwise([math.inf, *val_losses])):
+        rising = rising + 1 if loss > previous else 0
+        if rising >= patience:
+            return index
     return None
 
 
