@@ -1,0 +1,1 @@
+"""Speed and accuracy benchmarks; each ends with one `RESULT name=value ...` line."""

@@ -1,0 +1,1 @@
+"""The DVC data stages: download MNIST and preprocess it into data/processed/."""
