@@ -1,1 +1,1 @@
-"""The learning: data loading, numpy models, training, tracking, plots, and the `src.train` entry point."""
+"""The learning: data, numpy models, training, tracking, plots, and `python -m src.train`."""
