@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,3 +109,14 @@ def run_train(
         timeout=timeout,
         check=False,
     )
+
+
+def all_artifacts(client: Any, run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact path of a run, folders walked (``plots/weights.png``, ...)."""
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            found |= all_artifacts(client, run_id, item.path)
+        else:
+            found.add(item.path)
+    return found

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from src.config import PROJECT_ROOT, validate
+from tests.conftest import all_artifacts
 
 CONF = PROJECT_ROOT / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
@@ -196,16 +197,6 @@ def smoke_runs(tmp_path_factory):
     return results
 
 
-def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        if item.is_dir:
-            found |= _artifacts(client, run_id, item.path)
-        else:
-            found.add(item.path)
-    return found
-
-
 def _runs(name: str, store: str) -> tuple[MlflowClient, list]:
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name(f"report-{name}")
@@ -222,7 +213,7 @@ def _check_png(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> 
 
 def _check_child(client: MlflowClient, run, model: str, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
-    artifacts = _artifacts(client, run.info.run_id)
+    artifacts = all_artifacts(client, run.info.run_id)
     expected = RUN_PLOTS | RUN_TABLES | (SOFTMAX_PLOTS if model == "softmax" else set())
     assert expected <= artifacts, sorted(expected - artifacts)
     assert not (SOFTMAX_PLOTS & artifacts) or model == "softmax"
@@ -263,7 +254,7 @@ def test_sweep_experiment_logs_a_parent_with_one_child_per_lambda(smoke_runs, na
     for child in children:
         _check_child(client, child, EXPECTED[name].model, tmp_path)
     assert parent.info.status == "FINISHED"
-    parent_artifacts = _artifacts(client, parent.info.run_id)
+    parent_artifacts = all_artifacts(client, parent.info.run_id)
     assert PARENT_ARTIFACTS <= parent_artifacts, sorted(PARENT_ARTIFACTS - parent_artifacts)
     for path in sorted(PARENT_ARTIFACTS):
         if path.endswith(".png"):
