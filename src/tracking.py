@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent.json"
 MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
 FLUSH_SECONDS = 5.0  # live curves in `mlflow ui` at most this old, few writes per run
+# Batches waiting for the writer at most: a run that makes metrics faster than the store
+# takes them waits for it, so the backlog (and the wait at the end or at Ctrl-C) stays short.
+MAX_QUEUED_BATCHES = 2
 FIGURE_DPI = 80  # small PNGs, fast to render
 ERROR_TAG = "error"  # why a run FAILED or was KILLED
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's RunStatus names
@@ -94,9 +97,11 @@ class MetricLogger(Callback):
     """Buffers the per-evaluation metrics and writes them with ``log_batch`` from a
     background thread, so that the store's writes overlap the training's numpy work.
 
-    The queued metrics leave every ``FLUSH_SECONDS`` (so `mlflow ui` shows a live run), in
-    calls of at most ``MAX_METRICS_PER_BATCH``; :meth:`close` writes the rest and waits for
-    the thread, raising the first error the store gave.
+    The queued metrics leave every ``FLUSH_SECONDS`` (so `mlflow ui` shows a live run) or
+    when they fill one ``log_batch`` call of ``MAX_METRICS_PER_BATCH``; at most
+    ``MAX_QUEUED_BATCHES`` wait for the writer, so training never runs far ahead of the
+    store. :meth:`close` writes the rest and waits for the thread, raising the first error
+    the store gave.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
@@ -105,7 +110,9 @@ class MetricLogger(Callback):
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.error: BaseException | None = None
-        self.batches: queue.Queue[list[Metric] | Callable[[], None] | None] = queue.Queue()
+        self.batches: queue.Queue[list[Metric] | Callable[[], None] | None] = queue.Queue(
+            maxsize=MAX_QUEUED_BATCHES
+        )
         self.writer = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
         self.writer.start()
 
@@ -137,6 +144,10 @@ class MetricLogger(Callback):
         )
         # By time only: writing while training competes with it for the GIL (measured by
         # benchmarks/tracking_overhead.py), so a short run writes once, at the end.
+        if len(self.pending) >= MAX_METRICS_PER_BATCH and self.writer.is_alive():
+            # a full log_batch call leaves now; the rest waits for the next one
+            self.batches.put(self.pending[:MAX_METRICS_PER_BATCH])
+            self.pending = self.pending[MAX_METRICS_PER_BATCH:]
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
