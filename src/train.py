@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from src import sweep
-from src.config import ConfigError, Settings, config_yaml, run_name, validate
+from src.config import PROJECT_ROOT, ConfigError, Settings, config_yaml, run_name, validate
 from src.data import DataError, Splits, binary_task, data_hash, limit_train, load_processed
 from src.models import LogisticRegression, SoftmaxRegression
 from src.training import Callback, DivergenceError, Evaluation, TrainResult, train
@@ -102,9 +102,21 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def source_name() -> str:
+    """The entry script, relative to the project root: MLflow would record its absolute path."""
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(PROJECT_ROOT):
+        return str(script.relative_to(PROJECT_ROOT))
+    return script.name
+
+
 def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | None) -> dict:
-    """Tags of a job's run known at once: the overrides, the task, the experiment."""
-    tags = {"overrides": " ".join(overrides) or "(none)", "task": settings.task}
+    """Tags of a job's run known at once: the overrides, the task, the experiment, the source."""
+    tags = {
+        "overrides": " ".join(overrides) or "(none)",
+        "task": settings.task,
+        "mlflow.source.name": source_name(),
+    }
     if experiment:
         tags["experiment"] = experiment
     return tags

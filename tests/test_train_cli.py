@@ -87,6 +87,7 @@ def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
     assert tags["data_hash"] == hashlib.sha256((tiny_data / "mnist.npz").read_bytes()).hexdigest()
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     assert "epochs=3" in tags["overrides"] and "error" not in tags
+    assert tags["mlflow.source.name"] == "src/train.py"  # no absolute local path
 
     # 4 steps per epoch, evaluated twice per epoch (steps 2 and 4), for 3 epochs
     steps = None
