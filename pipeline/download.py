@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipeline.atomic import atomic_write, remove_stale_temporaries
-from pipeline.params import ParamsError, load_section
+from pipeline.params import ParamsError, error_line, load_section
 
 RAW_DIR = Path("data/raw")
 CHUNK = 1 << 20
@@ -461,12 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = load_section(args.params, "download")
         sources = build_sources(params)
         download(MNIST_FILES, sources, args.out, progress=sys.stderr.isatty())
-    except (ParamsError, DownloadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+    except (ParamsError, DownloadError, OSError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""Read one section of params.yaml for a pipeline stage, with one-line errors."""
+"""What every data stage shares: its params.yaml section, and its errors as one line."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ def load_section(path: Path, section: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ParamsError(f"{path}: no `{section}:` section (a mapping) found")
     return values
+
+
+def error_line(error: Exception) -> str:
+    """The one line a stage prints for an error it expects (an OSError names its file)."""
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    return str(error)

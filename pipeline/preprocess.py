@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.idx import IdxError, read_dataset
-from pipeline.params import ParamsError, load_section
+from pipeline.params import ParamsError, error_line, load_section
 
 RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
@@ -142,12 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = load_section(args.params, "preprocess")
         val_size, seed = _int_param(params, "val_size"), _int_param(params, "seed")
         out_path = preprocess(args.raw, args.out, val_size, seed)
-    except (ParamsError, IdxError, PreprocessError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+    except (ParamsError, IdxError, PreprocessError, OSError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 1
     print(f"preprocess: wrote {out_path} (val_size={val_size}, seed={seed})", file=sys.stderr)
     return 0
