@@ -5,23 +5,29 @@ permutation of the training set, walks it in mini-batches, takes a gradient step
 every so often evaluates on train/val/test and hands the figures to the callbacks. The
 learning rate is a pure function of the step; the best-validation weights are kept by a
 plain comparison. Nothing here knows about MLflow, Hydra or plotting: tracking and
-progress bars plug in through :class:`Callback`.
+progress bars plug in through :class:`Callback`. For speed, one helper thread copies the
+next mini-batches out of the training matrix while the loop trains on the current ones
+(:func:`prefetched_batches`), and evaluates val and test while the loop evaluates train.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from src.data import Dataset, Splits
 
 SCHEDULES = ("constant", "exponential")
 SCHEDULE_UNITS = ("epoch", "step")
+GATHER_CHUNK = 16  # mini-batches whose rows the helper thread copies at a time
 
 
 @dataclass(frozen=True)
@@ -213,12 +219,25 @@ def evaluation_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
                   - {0})
 
 
-def evaluate(model: Any, splits: Splits) -> dict[str, float]:
-    """Loss (mean cross-entropy, no L2 term) and accuracy of ``model`` on every split."""
+def evaluate(model: Any, splits: Splits, helper: Executor | None = None) -> dict[str, float]:
+    """Loss (mean cross-entropy, no L2 term) and accuracy of ``model`` on every split.
+
+    With ``helper`` (an executor), the validation and test splits are evaluated on it while
+    this thread evaluates the training split. Overflow is silent (a diverging model gives
+    non-finite losses, which the caller reports).
+    """
+
+    def loss_and_accuracy(name: str) -> tuple[float, float]:
+        dataset: Dataset = getattr(splits, name)
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy's error state is per thread
+            return model.loss_and_accuracy(dataset.images, dataset.labels)
+
+    held_out = {}  # split name -> its figures to come from the helper
+    if helper is not None:
+        held_out = {name: helper.submit(loss_and_accuracy, name) for name in ("val", "test")}
     metrics = {}
     for name in ("train", "val", "test"):
-        dataset: Dataset = getattr(splits, name)
-        loss, accuracy = model.loss_and_accuracy(dataset.images, dataset.labels)
+        loss, accuracy = held_out[name].result() if name in held_out else loss_and_accuracy(name)
         metrics[f"{name}/loss"] = loss
         metrics[f"{name}/accuracy"] = accuracy
     return metrics
@@ -247,6 +266,51 @@ def _check_inputs(model: Any, splits: Splits) -> None:
             )
 
 
+def prefetched_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    orders: Iterable[np.ndarray],
+    batch_size: int,
+    helper: Executor,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The mini-batches ``(images[rows], labels[rows])`` of every epoch, in turn.
+
+    Each order (a permutation of the training set, one per epoch) is cut into batches of
+    ``batch_size`` rows, the last one of the epoch possibly smaller. Copying the random rows
+    of a batch out of the training matrix costs about as much as the gradient step, so
+    ``helper`` (an executor with one thread) copies the next ``GATHER_CHUNK`` batches
+    into one of two buffers while the caller trains on the other (``np.take`` releases the
+    GIL). A yielded batch is a view into a buffer: it holds its rows until the next batch
+    is drawn.
+    """
+    chunk_rows = GATHER_CHUNK * batch_size  # whole batches: the epochs are cut as before
+    chunks = (order[start : start + chunk_rows] for order in orders
+              for start in range(0, len(order), chunk_rows))
+    buffers = [np.empty((chunk_rows, images.shape[1]), images.dtype) for _ in range(2)]
+
+    def gather(buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        # On the helper thread, one call at a time: the next chunk's rows (drawing the
+        # next permutation when an epoch is used up), or None after the last epoch.
+        # mode="clip" copies straight into `out` (the default mode copies twice); the rows
+        # are a permutation's, never out of range.
+        rows = next(chunks, None)
+        if rows is None:
+            return None
+        chunk_images = np.take(images, rows, axis=0, out=buffer[: len(rows)], mode="clip")
+        return chunk_images, labels[rows]
+
+    pending = helper.submit(gather, buffers[0])
+    for chunk_number in itertools.count(1):
+        chunk = pending.result()
+        if chunk is None:
+            return
+        # into the buffer the caller has finished with
+        pending = helper.submit(gather, buffers[chunk_number % 2])
+        chunk_images, chunk_labels = chunk
+        for start in range(0, len(chunk_labels), batch_size):
+            yield chunk_images[start : start + batch_size], chunk_labels[start : start + batch_size]
+
+
 def train(
     model: Any, splits: Splits, config: TrainConfig, callbacks: Sequence[Callback] = ()
 ) -> TrainResult:
@@ -258,7 +322,8 @@ def train(
     ``evals_per_epoch`` times per epoch. Early stopping rule (the report's): an evaluation
     *rises* if its validation loss is strictly higher than the previous evaluation's; once
     ``patience`` evaluations in a row have risen, training stops and the weights of the
-    evaluation with the lowest validation loss are restored.
+    evaluation with the lowest validation loss are restored. While it runs, BLAS is limited
+    to one thread and a helper thread gathers mini-batches; both end with the call.
 
     Parameters
     ----------
@@ -286,6 +351,7 @@ def train(
     steps_per_epoch = math.ceil(n_train / batch_size)
     evaluate_after = set(evaluation_steps(steps_per_epoch, config.evals_per_epoch))
     rng = np.random.default_rng(config.seed)
+    orders = (rng.permutation(n_train) for _epoch in range(config.epochs))
 
     history: list[Evaluation] = []
     best_val_loss, best_step, best_metrics = math.inf, 0, {}
@@ -293,51 +359,58 @@ def train(
     previous_val_loss, rising_in_a_row = math.inf, 0
     stopped_early = False
     step = 0
-    for _epoch in range(config.epochs):
-        order = rng.permutation(n_train)
-        for batch_number, start in enumerate(range(0, n_train, batch_size), start=1):
-            batch = order[start : start + batch_size]
-            batch_images, batch_labels = images[batch], labels[batch]
-            lr = learning_rate(step, steps_per_epoch, config.lr, config.schedule)
-            step += 1
-            # A diverging run overflows; that is reported as a DivergenceError naming the
-            # step (the finiteness checks below), not as a stream of numpy warnings.
-            with np.errstate(over="ignore", invalid="ignore"):
-                d_weights, d_bias = model.gradients(batch_images, batch_labels, config.l2)
-                if not np.isfinite(d_bias).all():
-                    raise DivergenceError(step, model.loss(batch_images, batch_labels, config.l2))
-                d_weights *= lr
-                model.weights -= d_weights
-                model.bias -= lr * d_bias
+    # The per-batch products are too small to share between BLAS threads: they run on one
+    # while the helper thread copies the next batches. Evaluations share the work between
+    # this thread and the helper rather than between BLAS threads: after a threaded product,
+    # OpenBLAS's idle threads spin for about 0.1 s on the core the helper needs. Leaving the
+    # `with`, at the end or by an exception, joins the helper and restores BLAS's threads.
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-helper") as helper,
+        threadpool_limits(limits=1, user_api="blas"),
+    ):
+        batches = prefetched_batches(images, labels, orders, batch_size, helper)
+        for _epoch in range(config.epochs):
+            for batch_number in range(1, steps_per_epoch + 1):
+                batch_images, batch_labels = next(batches)
+                lr = learning_rate(step, steps_per_epoch, config.lr, config.schedule)
+                step += 1
+                # A diverging run overflows; that is reported as a DivergenceError naming
+                # the step (a non-finite bias after the update: the bias step sums the
+                # batch's errors), not as a stream of numpy warnings.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    model.gradient_step(batch_images, batch_labels, lr, config.l2)
+                    if not np.isfinite(model.bias).all():
+                        raise DivergenceError(
+                            step, model.loss(batch_images, batch_labels, config.l2))
 
-            if batch_number not in evaluate_after:
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):
-                metrics = evaluate(model, splits)
+                if batch_number not in evaluate_after:
+                    continue
+                metrics = evaluate(model, splits, helper)
                 metrics["lr"] = lr
-                metrics["weights/norm"] = float(np.linalg.norm(model.weights))
-            for name in ("train/loss", "val/loss", "test/loss"):
-                if not math.isfinite(metrics[name]):
-                    raise DivergenceError(step, metrics[name])
-            evaluation = Evaluation(step=step, epoch=step / steps_per_epoch, metrics=metrics)
-            history.append(evaluation)
-            for callback in callbacks:
-                callback.on_evaluation(evaluation)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    metrics["weights/norm"] = float(np.linalg.norm(model.weights))
+                for name in ("train/loss", "val/loss", "test/loss"):
+                    if not math.isfinite(metrics[name]):
+                        raise DivergenceError(step, metrics[name])
+                evaluation = Evaluation(step=step, epoch=step / steps_per_epoch, metrics=metrics)
+                history.append(evaluation)
+                for callback in callbacks:
+                    callback.on_evaluation(evaluation)
 
-            # The kept weights: a plain comparison with the lowest validation loss so far.
-            val_loss = metrics["val/loss"]
-            if val_loss < best_val_loss:
-                best_val_loss, best_step, best_metrics = val_loss, step, metrics
-                if config.early_stopping:
-                    best_weights, best_bias = model.weights.copy(), _copy(model.bias)
-            # Early stopping: `patience` rising validation losses in a row.
-            rising_in_a_row = rising_in_a_row + 1 if val_loss > previous_val_loss else 0
-            previous_val_loss = val_loss
-            if config.early_stopping and rising_in_a_row >= config.patience:
-                stopped_early = True
+                # The kept weights: a plain comparison with the lowest validation loss so far.
+                val_loss = metrics["val/loss"]
+                if val_loss < best_val_loss:
+                    best_val_loss, best_step, best_metrics = val_loss, step, metrics
+                    if config.early_stopping:
+                        best_weights, best_bias = model.weights.copy(), _copy(model.bias)
+                # Early stopping: `patience` rising validation losses in a row.
+                rising_in_a_row = rising_in_a_row + 1 if val_loss > previous_val_loss else 0
+                previous_val_loss = val_loss
+                if config.early_stopping and rising_in_a_row >= config.patience:
+                    stopped_early = True
+                    break
+            if stopped_early:
                 break
-        if stopped_early:
-            break
 
     kept = history[-1].metrics
     if config.early_stopping:

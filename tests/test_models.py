@@ -210,3 +210,35 @@ def test_loss_and_accuracy_agree_with_loss_and_predict(kind):
     loss, accuracy = model.loss_and_accuracy(X, y)
     assert loss == pytest.approx(model.loss(X, y, l2=0.0), rel=1e-12)
     assert accuracy == pytest.approx(np.mean(model.predict(X) == y))
+
+
+@pytest.mark.parametrize("kind", ["logistic", "softmax"])
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+@pytest.mark.parametrize("n_samples", [12, 150])  # 150: several blocks of BLOCK_ROWS rows
+def test_gradient_step_is_the_gradients_update(kind, l2, n_samples):
+    """The training loop's fast step equals ``w - lr * gradients()``, to float32 rounding."""
+    rng = np.random.default_rng(5)
+    n_features, n_classes = 30, (2 if kind == "logistic" else 4)
+    X = rng.random((n_samples, n_features)).astype(np.float32)
+    y = rng.integers(0, n_classes, n_samples)
+    if kind == "logistic":
+        model = LogisticRegression(n_features)
+        model.weights = rng.normal(size=n_features).astype(np.float32)
+        model.bias = float(rng.normal())
+    else:
+        model = SoftmaxRegression(n_features, n_classes)
+        model.weights = rng.normal(size=(n_features, n_classes)).astype(np.float32)
+        model.bias = rng.normal(size=n_classes).astype(np.float32)
+    lr = 0.7
+    d_weights, d_bias = model.gradients(X, y, l2)
+    expected_weights = model.weights - lr * d_weights
+    expected_bias = model.bias - lr * d_bias
+    weights = model.weights  # updated in place
+    model.gradient_step(X, y, lr, l2)
+    assert model.weights is weights and model.weights.dtype == np.float32
+    np.testing.assert_allclose(model.weights, expected_weights, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bias, expected_bias, rtol=1e-5, atol=1e-6)
+    if kind == "logistic":
+        assert isinstance(model.bias, float)
+    else:
+        assert model.bias.dtype == np.float32

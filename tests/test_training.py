@@ -2,11 +2,15 @@
 
 import itertools
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
+import src.training
 from src.data import Dataset, Splits
 from src.models import LogisticRegression, SoftmaxRegression
 from src.training import (
@@ -18,6 +22,7 @@ from src.training import (
     TrainResult,
     evaluation_steps,
     learning_rate,
+    prefetched_batches,
     train,
 )
 
@@ -318,3 +323,89 @@ def test_training_leaves_the_data_untouched_and_keeps_the_weights_dtype():
     for name, images in zip(("train", "val", "test"), before, strict=True):
         np.testing.assert_array_equal(getattr(splits, name).images, images)
     assert model.weights.dtype == np.float64 and model.bias.dtype == np.float64
+
+
+# --- the helper thread: prefetched batches, cleanup -------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+def test_prefetched_batches_cut_every_order_into_the_batches_of_the_plain_loop(
+    monkeypatch, chunk
+):
+    monkeypatch.setattr(src.training, "GATHER_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    images = rng.random((23, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, 23)
+    orders = [rng.permutation(23) for _ in range(3)]
+    expected = [
+        (images[order[start : start + 5]], labels[order[start : start + 5]])
+        for order in orders
+        for start in range(0, 23, 5)  # 5 batches an epoch, the last of 3 rows
+    ]
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        # copies: a batch is a view into a buffer that a later chunk reuses
+        got = [(batch_images.copy(), batch_labels.copy()) for batch_images, batch_labels
+               in prefetched_batches(images, labels, iter(orders), 5, helper)]
+    assert len(got) == len(expected) == 15
+    for (got_images, got_labels), (want_images, want_labels) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(got_images, want_images)
+        np.testing.assert_array_equal(got_labels, want_labels)
+
+
+def helper_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("train-helper")]
+
+
+def blas_threads() -> list[int]:
+    return [library["num_threads"] for library in threadpool_info()
+            if library["user_api"] == "blas"]
+
+
+class Interrupt(Callback):
+    """Presses Ctrl-C at the second evaluation."""
+
+    def __init__(self) -> None:
+        self.evaluations = 0
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        self.evaluations += 1
+        if self.evaluations == 2:
+            raise KeyboardInterrupt
+
+
+class Watcher(Callback):
+    """Notes, at every evaluation, whether the helper thread is alive."""
+
+    def __init__(self) -> None:
+        self.alive: list[bool] = []
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        self.alive.append(bool(helper_threads()))
+
+
+@pytest.mark.parametrize("ending", ["normal", "early stop", "divergence", "interrupt"])
+def test_no_helper_thread_outlives_training_and_blas_threads_come_back(ending):
+    before = blas_threads()
+    assert helper_threads() == []
+    watcher = Watcher()
+    if ending == "divergence":
+        config = TrainConfig(lr=1e3, l2=10.0, batch_size=10, epochs=5,
+                             schedule=Schedule(name="constant"), early_stopping=False)
+        with pytest.raises(DivergenceError):
+            train(SoftmaxRegression(20, 3), separable_splits(3), config, [watcher])
+    elif ending == "interrupt":
+        config = TrainConfig(lr=0.1, batch_size=10, epochs=5, evals_per_epoch=2)
+        with pytest.raises(KeyboardInterrupt):
+            train(SoftmaxRegression(20, 3), separable_splits(3), config, [watcher, Interrupt()])
+        assert watcher.alive == [True, True]
+    elif ending == "early stop":
+        config = TrainConfig(lr=0.5, batch_size=60, epochs=50, evals_per_epoch=1,
+                             schedule=Schedule(name="constant"), patience=2)
+        result = train(LogisticRegression(20), flipped_val_splits(), config, [watcher])
+        assert result.stopped_early and all(watcher.alive)
+    else:
+        config = TrainConfig(lr=0.1, batch_size=7, epochs=3, evals_per_epoch=2)
+        train(SoftmaxRegression(20, 3), separable_splits(3), config, [watcher])
+        assert len(watcher.alive) == 6 and all(watcher.alive)
+    assert helper_threads() == []
+    assert blas_threads() == before
