@@ -78,8 +78,9 @@ class Stopwatch(Callback):
 class TimedSoftmax(SoftmaxRegression):
     """A softmax model that notes when each evaluation starts (its first loss_and_accuracy).
 
-    ``train()`` evaluates through ``model.loss_and_accuracy``, one call per split; the time
-    from the end of one evaluation to the start of the next is pure training.
+    ``train()`` evaluates through ``model.loss_and_accuracy``, a few calls per evaluation
+    (one per split, the training split in two parts); the time from the end of one
+    evaluation to the start of the next is pure training.
     """
 
     def __init__(self) -> None:
@@ -122,10 +123,13 @@ def softmax_epoch(splits: Splits) -> tuple[list[float], list[float]]:
     )
     model, stopwatch = TimedSoftmax(), Stopwatch()
     train(model, splits, config, [stopwatch])
-    # Three splits per evaluation (train, val, test; train() evaluates val and test on its
-    # helper thread while it evaluates train): an evaluation starts at the first of its three.
-    starts = [min(model.calls[i : i + 3]) for i in range(0, len(model.calls), 3)]
     ends = stopwatch.times
+    # An evaluation makes a few calls (train, val, test; train() shares them, and the
+    # training rows, with its helper thread) and starts at the first of them.
+    per_evaluation, left_over = divmod(len(model.calls), len(ends))
+    assert per_evaluation >= 3 and not left_over, "every evaluation makes the same calls"
+    starts = [min(model.calls[i : i + per_evaluation])
+              for i in range(0, len(model.calls), per_evaluation)]
     training = [start - end for start, end in zip(starts[1:], ends[:-1], strict=True)]
     evaluation = [end - start for start, end in zip(starts[1:], ends[1:], strict=True)]
     return training, evaluation

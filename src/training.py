@@ -222,25 +222,33 @@ def evaluation_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
 def evaluate(model: Any, splits: Splits, helper: Executor | None = None) -> dict[str, float]:
     """Loss (mean cross-entropy, no L2 term) and accuracy of ``model`` on every split.
 
-    With ``helper`` (an executor), the validation and test splits are evaluated on it while
-    this thread evaluates the training split. Overflow is silent (a diverging model gives
-    non-finite losses, which the caller reports).
+    With ``helper`` (an executor), the rows are shared about evenly between it and this
+    thread: the helper takes val, test and the first training rows, this thread the other
+    training rows; the training figures are the row-weighted means of the two parts.
     """
 
-    def loss_and_accuracy(name: str) -> tuple[float, float]:
-        dataset: Dataset = getattr(splits, name)
+    def loss_and_accuracy(dataset: Dataset, rows: slice = slice(None)) -> tuple[float, float]:
         with np.errstate(over="ignore", invalid="ignore"):  # numpy's error state is per thread
-            return model.loss_and_accuracy(dataset.images, dataset.labels)
+            return model.loss_and_accuracy(dataset.images[rows], dataset.labels[rows])
 
-    held_out = {}  # split name -> its figures to come from the helper
-    if helper is not None:
-        held_out = {name: helper.submit(loss_and_accuracy, name) for name in ("val", "test")}
-    metrics = {}
-    for name in ("train", "val", "test"):
-        loss, accuracy = held_out[name].result() if name in held_out else loss_and_accuracy(name)
-        metrics[f"{name}/loss"] = loss
-        metrics[f"{name}/accuracy"] = accuracy
-    return metrics
+    names = ("train", "val", "test")
+    if helper is None:
+        figures = {name: loss_and_accuracy(getattr(splits, name)) for name in names}
+    else:
+        # The helper's training rows are [:cut], so that each thread has half of all rows.
+        n_train = len(splits.train)
+        cut = max(n_train - (n_train + len(splits.val) + len(splits.test)) // 2, 0)
+        held_out = {name: helper.submit(loss_and_accuracy, getattr(splits, name))
+                    for name in ("val", "test")}
+        head = helper.submit(loss_and_accuracy, splits.train, slice(None, cut)) if cut else None
+        tail = loss_and_accuracy(splits.train, slice(cut, None))
+        figures = {name: future.result() for name, future in held_out.items()}
+        figures["train"] = tail if head is None else tuple(
+            (head_figure * cut + tail_figure * (n_train - cut)) / n_train
+            for head_figure, tail_figure in zip(head.result(), tail, strict=True))
+    return {f"{name}/{figure}": value
+            for name in names
+            for figure, value in zip(("loss", "accuracy"), figures[name], strict=True)}
 
 
 def _copy(parameter: Any) -> Any:
@@ -323,7 +331,8 @@ def train(
     *rises* if its validation loss is strictly higher than the previous evaluation's; once
     ``patience`` evaluations in a row have risen, training stops and the weights of the
     evaluation with the lowest validation loss are restored. While it runs, BLAS is limited
-    to one thread and a helper thread gathers mini-batches; both end with the call.
+    to one thread, and a helper thread gathers the mini-batches and shares the evaluations;
+    both end with the call, however it ends.
 
     Parameters
     ----------

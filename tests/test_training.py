@@ -20,6 +20,7 @@ from src.training import (
     Schedule,
     TrainConfig,
     TrainResult,
+    evaluate,
     evaluation_steps,
     learning_rate,
     prefetched_batches,
@@ -350,6 +351,25 @@ def test_prefetched_batches_cut_every_order_into_the_batches_of_the_plain_loop(
     for (got_images, got_labels), (want_images, want_labels) in zip(got, expected, strict=True):
         np.testing.assert_array_equal(got_images, want_images)
         np.testing.assert_array_equal(got_labels, want_labels)
+
+
+@pytest.mark.parametrize("n_train", [90, 20])  # the helper takes 15 training rows, or none
+def test_an_evaluation_shared_with_a_helper_gives_the_same_figures(n_train):
+    full = separable_splits(3)  # 90 / 30 / 30 rows
+    train_set = Dataset(images=full.train.images[:n_train], labels=full.train.labels[:n_train])
+    splits = Splits(train=train_set, val=full.val, test=full.test)
+    model = SoftmaxRegression(20, 3)
+    rng = np.random.default_rng(3)
+    model.weights, model.bias = rng.normal(size=(20, 3)), rng.normal(size=3)
+    alone = evaluate(model, splits)
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        shared = evaluate(model, splits, helper)
+    assert list(shared) == list(alone) == [
+        f"{name}/{figure}" for name in ("train", "val", "test") for figure in ("loss", "accuracy")]
+    for name in ("val/loss", "val/accuracy", "test/loss", "test/accuracy"):
+        assert shared[name] == alone[name]
+    assert shared["train/loss"] == pytest.approx(alone["train/loss"], rel=1e-12)
+    assert shared["train/accuracy"] == pytest.approx(alone["train/accuracy"], rel=1e-12)
 
 
 def helper_threads() -> list[threading.Thread]:
