@@ -1,8 +1,8 @@
-"""The one place that speaks MLflow: job runs, batched metrics, artifacts, models, sweep parents.
+"""The one place that speaks MLflow: the tracking process, job runs, models, sweep parents.
 
-A training job is one MLflow run (:class:`JobRun`). Metrics reach MLflow in batches through
-:class:`MetricLogger`, a :class:`src.training.Callback` that writes from a background
-thread, because one SQLite write per metric per step would cost more than the training.
+A training job is one MLflow run, written by :func:`serve` in a process of its own (the
+training process drives it through :class:`src.tracker.JobRun`): creating the run, the
+metrics in ``log_batch`` calls, the weight heatmaps, the served model and the artifacts.
 A multirun gets one parent run, created by :func:`start_parent` before any job, whose id
 travels to the jobs through a small file in the sweep directory (:func:`write_parent`,
 :func:`read_parent`), so jobs may run in other processes. :func:`finish_parent` draws the
@@ -15,13 +15,13 @@ import json
 import logging
 import math
 import os
-import queue
+import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,24 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from src import plots
-from src.config import PROJECT_ROOT, Settings
-from src.data import Splits
-from src.training import Callback, Evaluation, TrainResult
+from src.config import PROJECT_ROOT
+from src.data import data_hash
+from src.tracker import FAILED, FIGURE_DPI, FINISHED, HEATMAP_FILE, KILLED, save
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FAILED", "FINISHED", "KILLED"]  # the run statuses, shared with src.tracker
+
 PARENT_FILE = "mlflow_parent.json"
-MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
-FLUSH_SECONDS = 5.0  # live curves in `mlflow ui` at most this old, few writes per run
-# Batches waiting for the writer at most: a run that makes metrics faster than the store
-# takes them waits for it, so the backlog (and the wait at the end or at Ctrl-C) stays short.
-MAX_QUEUED_BATCHES = 2
-FIGURE_DPI = 80  # small PNGs, fast to render
+# The most MLflow accepts in one log_batch call. A call costs milliseconds whatever its size,
+# plus about 60 µs per metric on SQLite, so metrics wait until a call is full (or until
+# they are FLUSH_SECONDS old, for live curves in `mlflow ui`).
+MAX_METRICS_PER_BATCH = 1000
+FLUSH_SECONDS = 2.0
+# The tracking process yields the CPU to the training (the lowest priority): while a job
+# trains it writes in the gaps, and at the end of a run the training process waits for it.
+NICENESS = 19
 ERROR_TAG = "error"  # why a run FAILED or was KILLED
-FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's RunStatus names
 
 
 def git_commit() -> str:
@@ -93,150 +96,26 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
-class MetricLogger(Callback):
-    """Buffers the per-evaluation metrics and writes them with ``log_batch`` from a
-    background thread, so that the store's writes overlap the training's numpy work.
-
-    The queued metrics leave every ``FLUSH_SECONDS`` (so `mlflow ui` shows a live run) or
-    when they fill one ``log_batch`` call of ``MAX_METRICS_PER_BATCH``; at most
-    ``MAX_QUEUED_BATCHES`` wait for the writer, so training never runs far ahead of the
-    store. :meth:`close` writes the rest and waits for the thread, raising the first error
-    the store gave.
-    """
-
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.pending: list[Metric] = []
-        self.last_flush = time.monotonic()
-        self.error: BaseException | None = None
-        self.batches: queue.Queue[list[Metric] | Callable[[], None] | None] = queue.Queue(
-            maxsize=MAX_QUEUED_BATCHES
-        )
-        self.writer = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
-        self.writer.start()
-
-    def _write(self) -> None:
-        while (batch := self.batches.get()) is not None:
-            if self.error is not None:
-                continue  # keep draining; the first error is reported by close()
-            try:
-                if callable(batch):
-                    batch()
-                    continue
-                for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-                    self.client.log_batch(
-                        self.run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH]
-                    )
-            except BaseException as error:  # handed to the training thread by close()
-                self.error = error
-
-    def submit(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on the writer thread, in order with the metric batches (for slow
-        bookkeeping that need not delay the training, such as hashing the data)."""
-        self.batches.put(work)
-
-    def on_evaluation(self, evaluation: Evaluation) -> None:
-        now = int(time.time() * 1000)
-        self.pending.extend(
-            Metric(key, float(value), now, evaluation.step)
-            for key, value in evaluation.metrics.items()
-        )
-        # By time only: writing while training competes with it for the GIL (measured by
-        # benchmarks/tracking_overhead.py), so a short run writes once, at the end.
-        if len(self.pending) >= MAX_METRICS_PER_BATCH and self.writer.is_alive():
-            # a full log_batch call leaves now; the rest waits for the next one
-            self.batches.put(self.pending[:MAX_METRICS_PER_BATCH])
-            self.pending = self.pending[MAX_METRICS_PER_BATCH:]
-        if time.monotonic() - self.last_flush > FLUSH_SECONDS:
-            self.flush()
-
-    def log(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Queue metrics that are not per evaluation (``final/*``, ``best/step``)."""
-        now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-
-    def flush(self) -> None:
-        """Hand the queued metrics to the writer thread (it cuts them into batches)."""
-        if self.pending and self.writer.is_alive():
-            self.batches.put(self.pending)
-        self.pending = []
-        self.last_flush = time.monotonic()
-
-    def close(self) -> None:
-        """Write what is left, wait for the writer; raise the store's first error, if any."""
-        if self.writer.is_alive():
-            self.flush()
-            self.batches.put(None)
-            self.writer.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+_DATA_HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def curves_from_history(history: Sequence[Evaluation]) -> plots.Curves:
-    """Per-step metrics as curves against the epoch: name -> (epochs, values)."""
-    if not history:
-        return {}
-    epochs = np.array([e.epoch for e in history], dtype=np.float64)
-    return {
-        name: (epochs, np.array([e.metrics[name] for e in history], dtype=np.float64))
-        for name in history[0].metrics
-    }
+def cached_data_hash(data_dir: Path) -> str:
+    """:func:`src.data.data_hash`, computed once per file version in this process (as DVC
+    does, by size and modification time): the jobs of a sweep share their data."""
+    from src.data import PROCESSED_FILE
+
+    stat = (data_dir / PROCESSED_FILE).stat()
+    key = (str((data_dir / PROCESSED_FILE).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DATA_HASHES:
+        _DATA_HASHES[key] = data_hash(data_dir)
+    return _DATA_HASHES[key]
 
 
-def _weights_file(result: TrainResult, labels: Sequence[int], path: Path) -> Path:
-    np.savez(
-        path,
-        weights=np.asarray(result.model.weights),
-        bias=np.asarray(result.model.bias),
-        labels=np.asarray(labels, dtype=np.int64),
-    )
-    return path
-
-
-def write_artifacts(
-    result: TrainResult, splits: Splits, settings: Settings, config_yaml: str, folder: Path
-) -> Path:
-    """Render a run's figures and tables into ``folder`` under the stable artifact names.
-
-    Returns the weights file ``weights/weights.npz`` (weights, bias and the digit of each
-    class), which also goes into the served model.
-    """
-    labels = settings.labels  # class index -> digit
-    for sub in ("plots", "tables", "config", "weights"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    curves = curves_from_history(result.history)
-
-    def save(fig: Any, name: str) -> None:
-        fig.set_dpi(FIGURE_DPI)
-        plots.save_figure(fig, folder / "plots" / name)
-
-    if curves:
-        save(plots.learning_curves(curves, "loss"), "loss_curves.png")
-        save(plots.learning_curves(curves, "accuracy"), "accuracy_curves.png")
-    weights = np.asarray(result.model.weights)
-    if weights.ndim == 1:
-        titles = [f"{labels[1]} (+) vs {labels[0]} (-)"]
-    else:
-        titles = [str(d) for d in labels]
-    save(plots.weight_heatmaps(weights, titles), "weights.png")
-
-    digits = np.asarray(labels)
-    y_true = digits[splits.test.labels]
-    y_pred = digits[result.model.predict(splits.test.images)]
-    shown = sorted(labels)
-    matrix = plots.confusion_matrix(y_true, y_pred, shown)
-    save(plots.confusion_figure(matrix, shown), "confusion_matrix.png")
-    pairs = plots.most_confused_pairs(matrix, shown)
-    (folder / "tables" / "most_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
-    if weights.ndim == 2:
-        save(
-            plots.class_means_and_weights(splits.train.images, splits.train.labels, weights),
-            "class_means_and_weights.png",
-        )
-    (folder / "config" / "config.yaml").write_text(config_yaml)
-    return _weights_file(result, labels, folder / "weights" / "weights.npz")
+def write_heatmaps(weights_file: Path, titles: Sequence[str], path: Path) -> None:
+    """The weight heatmaps of a run, drawn from its weights file (one panel per class)."""
+    with np.load(weights_file, allow_pickle=False) as saved:
+        weights = saved["weights"]
+    save(plots.weight_heatmaps(weights, titles), path)
 
 
 def log_model(weights_file: Path) -> None:
@@ -333,85 +212,210 @@ def failed_run(
     return run.info.run_id
 
 
-class JobRun:
-    """The MLflow run of one training job, from start to FINISHED, FAILED or KILLED."""
+class RunWriter:
+    """One job's run, in the tracking process: created on "start", closed on "end".
 
-    def __init__(
-        self,
-        settings: Settings,
-        run_name: str,
-        tags: Mapping[str, str],
-        parent: ParentRef | None = None,
-        slow_tags: Callable[[], Mapping[str, str]] | None = None,
-    ) -> None:
-        """Start the run with ``tags`` and the params; ``slow_tags`` (the git commit, the
-        data's hash) are computed and logged on the writer thread while training runs."""
+    Metrics wait in ``pending`` and leave in ``log_batch`` calls of at least
+    ``MIN_METRICS_PER_BATCH`` (each call costs milliseconds whatever its size) when no
+    message is waiting, or sooner when they are ``FLUSH_SECONDS`` old (live curves in
+    `mlflow ui`). The first error the store gives is kept, reported once to the training
+    process (which stops the training), and ends the run FAILED.
+    """
+
+    def __init__(self, connection: Connection, message: dict[str, Any]) -> None:
         import mlflow
 
-        self.settings = settings
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        self.client = MlflowClient(settings.tracking_uri)
+        self.connection = connection
+        self.job = message["job"]
+        self.pending: list[Metric] = []
+        self.oldest = 0.0  # when the oldest pending metric arrived
+        self.error: str | None = None
+        self.folder: Path | None = None
+        self.run_id: str | None = None
+        mlflow.set_tracking_uri(message["tracking_uri"])
+        self.client = MlflowClient(message["tracking_uri"])
+        parent = message["parent"]
         exp_id = (
-            parent.experiment_id
+            parent["experiment_id"]
             if parent is not None
-            else experiment_id(self.client, settings.experiment_name)
+            else experiment_id(self.client, message["experiment_name"])
         )
-        active = mlflow.start_run(
+        run = mlflow.start_run(
             experiment_id=exp_id,
-            run_name=run_name,
-            parent_run_id=parent.run_id if parent else None,
-            tags=dict(tags),
+            run_name=message["run_name"],
+            parent_run_id=parent["run_id"] if parent is not None else None,
+            tags=message["tags"],
         )
-        self.run_id = active.info.run_id
+        self.run_id = run.info.run_id
         try:
-            self.client.log_batch(
-                self.run_id, params=[Param(k, v) for k, v in settings.params.items()]
-            )
-            self.metrics = MetricLogger(self.client, self.run_id)
-        except BaseException as error:  # the run exists: it must not stay RUNNING
-            interrupted = isinstance(error, KeyboardInterrupt)
-            reason = "interrupted" if interrupted else " ".join(str(error).split())
-            self.client.set_tag(self.run_id, ERROR_TAG, reason[:5000])
-            mlflow.end_run(status=KILLED if interrupted else FAILED)
+            params = [Param(k, str(v)) for k, v in message["params"].items()]
+            self.client.log_batch(self.run_id, params=params)
+        except Exception as error:
+            self.end(FAILED, _one_line(error))
             raise
-        if slow_tags is not None:
-            self.metrics.submit(
-                lambda: self.client.log_batch(
-                    self.run_id, tags=[RunTag(k, v) for k, v in slow_tags().items()]
-                )
+
+    def reply(self, op: str, **fields: Any) -> None:
+        _reply(self.connection, op, self.job, **fields)
+
+    def fail(self, error: BaseException) -> None:
+        """Keep the first error; tell the training process (it stops at its next evaluation)."""
+        if self.error is None:
+            self.error = _one_line(error)
+            self.reply("error", error=self.error)
+
+    def add_tags(self, tags: Mapping[str, str]) -> None:
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as error:
+            self.fail(error)
+
+    def add_source_tags(self, data_dir: Path) -> None:
+        """The tags that take a moment (asking git, hashing ~50 MB): the code and the data."""
+        try:
+            tags = {"git_commit": git_commit(), "data_hash": cached_data_hash(data_dir)}
+        except Exception as error:
+            self.fail(error)
+            return
+        self.add_tags(tags)
+
+    def add_metrics(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Queue ``[key, value, timestamp_ms, step]`` rows."""
+        if not self.pending:
+            self.oldest = time.monotonic()
+        self.pending.extend(Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows)
+
+    def ready(self) -> bool:
+        """Whether the pending metrics should be written before the next message."""
+        return len(self.pending) >= MAX_METRICS_PER_BATCH or (
+            bool(self.pending) and time.monotonic() - self.oldest > FLUSH_SECONDS
+        )
+
+    def write_batch(self) -> None:
+        batch = self.pending[:MAX_METRICS_PER_BATCH]
+        del self.pending[:MAX_METRICS_PER_BATCH]
+        self.oldest = time.monotonic()
+        if self.error is not None:
+            return  # the run will end FAILED; its metrics are dropped
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as error:
+            self.fail(error)
+
+    def flush(self) -> None:
+        while self.pending:
+            self.write_batch()
+
+    def finish(self, message: dict[str, Any]) -> None:
+        """The final metrics and tags, the heatmaps and the served model (the training
+        process draws the other figures into the same folder meanwhile)."""
+        now = int(time.time() * 1000)
+        step = message["final_step"]
+        self.add_metrics([[k, v, now, step] for k, v in message["final"].items()])
+        self.flush()
+        if message["tags"]:
+            self.add_tags(message["tags"])
+        self.folder = Path(message["folder"])
+        if self.error is not None:
+            return
+        try:
+            write_heatmaps(
+                Path(message["weights_file"]), message["heatmap_titles"], self.folder / HEATMAP_FILE
             )
+            log_model(Path(message["weights_file"]))
+        except Exception as error:
+            self.fail(error)
 
-    def log_result(self, result: TrainResult, splits: Splits, config_yaml: str) -> None:
-        """Log the final metrics, every artifact and the served model."""
-        if result.history:  # lets the sweep parent plot the children's curves by epoch
-            first = result.history[0]
-            self.client.set_tag(self.run_id, "steps_per_epoch", f"{first.step / first.epoch:.6g}")
-        final = dict(result.final)
-        final.setdefault("best/step", result.best_step)
-        self.metrics.log(final, step=result.best_step)
-        self.metrics.close()  # every metric is in the store before the run's other writes
-        with tempfile.TemporaryDirectory(prefix="mnist-run-") as tmp:
-            folder = Path(tmp)
-            weights_file = write_artifacts(result, splits, self.settings, config_yaml, folder)
-            self.client.log_artifacts(self.run_id, str(folder))
-            log_model(weights_file)
+    def upload(self) -> None:
+        """Every file of the run's folder as the run's artifacts."""
+        if self.folder is None or self.error is not None:
+            return
+        try:
+            self.client.log_artifacts(self.run_id, str(self.folder))
+        except Exception as error:
+            self.fail(error)
 
-    def end(self, status: str, error: str | None = None) -> None:
-        """End the run; queued metrics are written first when possible."""
+    def end(self, status: str, error: str | None = None) -> str | None:
+        """End the run (FAILED with the kept error when asked to end FINISHED after one);
+        returns the kept error, if any. A run that has already ended is left alone."""
         import mlflow
 
-        interrupted = False
+        self.flush()
+        if status == FINISHED and self.error is not None:
+            status, error = FAILED, self.error
         try:
-            self.metrics.close()
-        except KeyboardInterrupt:  # a second Ctrl-C while the last metrics are written
-            status, error, interrupted = KILLED, "interrupted", True
-        except Exception:  # the run must still end, whatever the store says about metrics
-            log.warning("could not write the last metrics of run %s", self.run_id)
-        if error is not None:
-            self.client.set_tag(self.run_id, ERROR_TAG, error[:5000])
-        mlflow.end_run(status=status)
-        if interrupted:
-            raise KeyboardInterrupt
+            if error is not None:
+                self.client.set_tag(self.run_id, ERROR_TAG, error[:5000])
+        finally:
+            mlflow.end_run(status=status)
+        return self.error
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _reply(connection: Connection, op: str, job: int, **fields: Any) -> None:
+    connection.send_bytes(json.dumps({"op": op, "job": job, **fields}).encode())
+
+
+def main(connection: Connection) -> None:
+    """The tracking process (started by :class:`src.tracker.TrackingProcess`).
+
+    Ctrl-C is ignored here: the training process gets it too, and ends its run KILLED.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "nice"):
+        os.nice(NICENESS)
+    serve(connection)
+
+
+def serve(connection: Connection) -> None:
+    """Carry out the runs that the training process describes (:class:`src.tracker.JobRun`),
+    one at a time, until the pipe closes. A run the training process leaves open (it died,
+    or gave up waiting) ends KILLED."""
+    writer: RunWriter | None = None
+    while True:
+        try:
+            if writer is not None and writer.ready() and not connection.poll(0):
+                writer.write_batch()
+                continue
+            if writer is not None and writer.pending:  # wake up for the flush
+                if not connection.poll(FLUSH_SECONDS):
+                    continue
+            message = json.loads(connection.recv_bytes())
+        except (EOFError, OSError):
+            if writer is not None:
+                writer.end(KILLED, "the training process ended without ending the run")
+            return
+        op, job = message["op"], message["job"]
+        if op == "start":
+            if writer is not None:  # the training process gave up on it (a second Ctrl-C)
+                writer.end(KILLED, "interrupted")
+            try:
+                writer = RunWriter(connection, message)
+            except Exception as error:
+                writer = None
+                _reply(connection, "started", job, run_id=None, error=_one_line(error))
+                continue
+            _reply(connection, "started", job, run_id=writer.run_id)
+            writer.add_source_tags(Path(message["data_dir"]))
+        elif writer is None or writer.job != job:
+            if op == "end":  # the run never started: nothing to end
+                _reply(connection, "ended", job)
+        elif op == "metrics":
+            writer.add_metrics(message["metrics"])
+        elif op == "finish":
+            writer.finish(message)
+        elif op == "upload":
+            writer.upload()
+        elif op == "end":
+            try:
+                kept = writer.end(message["status"], message["error"])
+            except Exception as error:
+                kept = _one_line(error)
+            writer = None
+            _reply(connection, "ended", job, error=kept)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src import sweep
 from src.config import PROJECT_ROOT, ConfigError, Settings, config_yaml, run_name, validate
-from src.data import DataError, Splits, binary_task, data_hash, limit_train, load_processed
+from src.data import DataError, Splits, binary_task, limit_train, load_processed
 from src.models import LogisticRegression, SoftmaxRegression
 from src.training import Callback, DivergenceError, Evaluation, TrainResult, train
 
@@ -122,13 +122,6 @@ def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | Non
     return tags
 
 
-def source_tags(settings: Settings) -> dict[str, str]:
-    """Tags that take a moment (hashing ~50 MB, asking git): the code and the data."""
-    from src import tracking
-
-    return {"git_commit": tracking.git_commit(), "data_hash": data_hash(settings.data_dir)}
-
-
 def train_tracked(
     settings: Settings,
     splits: Splits,
@@ -141,19 +134,19 @@ def train_tracked(
     """Train one model inside one MLflow run and log everything; returns the result and the
     run id. The run ends FINISHED, or FAILED (reason in the ``error`` tag) / KILLED, and then
     the error is raised again."""
-    from src import tracking  # MLflow loads in a second: not for a refused config
+    from src import tracker
 
-    job = tracking.JobRun(settings, name, tags, parent, slow_tags=lambda: source_tags(settings))
+    job = tracker.JobRun(settings, name, tags, parent)
     try:
-        result = train(build_model(settings), splits, settings.train, [job.metrics, *callbacks])
+        result = train(build_model(settings), splits, settings.train, [job, *callbacks])
         job.log_result(result, splits, config_text)
     except KeyboardInterrupt:
-        job.end(tracking.KILLED, "interrupted")
+        job.end(tracker.KILLED, "interrupted")
         raise
     except Exception as error:
-        job.end(tracking.FAILED, one_line(error))
+        job.end(tracker.FAILED, one_line(error))
         raise
-    job.end(tracking.FINISHED)
+    job.end(tracker.FINISHED)
     return result, job.run_id
 
 

@@ -1,11 +1,20 @@
-"""src/tracking.py and src/serving.py in process: batching, run endings, the sweep parent,
-the served model. The CLI tests (test_train_cli.py) cover the same paths end to end."""
+"""src/tracker.py, src/tracking.py and src/serving.py: the tracking process and its pipe,
+batching, run endings, the sweep parent, the served model. The CLI tests
+(test_train_cli.py) cover the same paths end to end."""
 
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +22,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from src import tracking
-from src.config import PROJECT_ROOT, validate
+from src import tracker, tracking
+from src.config import PROJECT_ROOT, Settings, validate
 from src.serving import DigitClassifier
 from src.train import load_splits, train_tracked
 from src.training import Callback, Evaluation
@@ -27,52 +36,144 @@ def evaluation(step: int, steps_per_epoch: int = 10) -> Evaluation:
     return Evaluation(step=step, epoch=step / steps_per_epoch, metrics=values)
 
 
-class RecordingClient:
-    """Stands in for MlflowClient.log_batch, recording every call."""
+class InThreadProcess:
+    """The tracking process's loop (``tracking.serve``) on a thread of this process, behind
+    the same pipe as the real one, so that a test can watch or break MLflow calls."""
 
-    def __init__(self, fail: bool = False) -> None:
-        self.calls: list[list[Metric]] = []
-        self.fail = fail
+    def __init__(self) -> None:
+        self.connection, child = multiprocessing.Pipe()
+        self.thread = threading.Thread(target=tracking.serve, args=(child,), daemon=True)
+        self.thread.start()
+        self.real = tracker.TrackingProcess.__new__(tracker.TrackingProcess)
+        self.real.connection = self.connection
+        self.real.process = SimpleNamespace(exitcode=None, is_alive=self.thread.is_alive,
+                                            join=self.thread.join)
 
-    def log_batch(self, run_id: str, metrics: list[Metric]) -> None:
-        if self.fail:
-            raise RuntimeError("the store is read-only")
-        self.calls.append(list(metrics))
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
-def test_metrics_are_written_in_batches_of_at_most_a_thousand() -> None:
-    client = RecordingClient()
-    logger = tracking.MetricLogger(client, "run")  # type: ignore[arg-type]
+def job_settings(tiny_data: Path, *overrides: str) -> Settings:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"data.dir={tiny_data}", *overrides])
+    return validate(cfg)
+
+
+def test_metrics_reach_the_store_in_full_batches_of_a_thousand(
+    tiny_data: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    log_batch = MlflowClient.log_batch
+
+    def recording(self: MlflowClient, run_id: str, metrics: Any = (), **kwargs: Any) -> None:
+        if metrics:
+            calls.append(len(metrics))
+        log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", recording)
+    job = tracker.JobRun(job_settings(tiny_data), "batched", {}, process=InThreadProcess())
     for step in range(1, 401):
-        logger.on_evaluation(evaluation(step))
-    logger.log({"final/val_accuracy": 0.9, "best/step": 12}, step=12)
-    logger.close()
-    written = [m for call in client.calls for m in call]
-    assert len(written) == 400 * len(METRICS) + 2
-    assert all(len(call) <= tracking.MAX_METRICS_PER_BATCH for call in client.calls)
-    assert len(client.calls) == 3  # 2402 metrics: two full batches and the rest
-    steps = sorted({m.step for m in written if m.key == "val/loss"})
-    assert steps == list(range(1, 401))
-    assert {(m.key, m.step, m.value) for m in written if m.key == "best/step"} == {
-        ("best/step", 12, 12.0)
-    }
+        job.on_evaluation(evaluation(step))
+    job.end(tracker.FINISHED)
+    assert calls == [1000, 1000, 400]  # 2400 metrics: two full calls and the rest at the end
+    history = MlflowClient(tracking_uri).get_metric_history(job.run_id, "val/loss")
+    assert sorted(m.step for m in history) == list(range(1, 401))
+    assert MlflowClient(tracking_uri).get_run(job.run_id).info.status == "FINISHED"
 
 
-def test_a_store_error_while_logging_metrics_reaches_the_training() -> None:
-    logger = tracking.MetricLogger(RecordingClient(fail=True), "run")  # type: ignore[arg-type]
-    for step in range(1, 200):
-        logger.on_evaluation(evaluation(step))
-    with pytest.raises(RuntimeError, match="read-only"):
-        logger.close()
+def test_a_store_error_stops_the_training_and_fails_the_run(
+    tiny_data: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_batch = MlflowClient.log_batch
+
+    def read_only(self: MlflowClient, run_id: str, metrics: Any = (), **kwargs: Any) -> None:
+        if metrics:
+            raise RuntimeError("the store is read-only")
+        log_batch(self, run_id, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", read_only)
+    job = tracker.JobRun(job_settings(tiny_data), "refused", {}, process=InThreadProcess())
+    with pytest.raises(tracker.TrackingError, match="read-only"):
+        for step in range(1, 10_000):  # the error arrives within a few evaluations
+            job.on_evaluation(evaluation(step))
+            time.sleep(0.001)
+    job.end(tracker.FAILED, "the store is read-only")
+    run = MlflowClient(tracking_uri).get_run(job.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "the store is read-only"
+
+
+def test_a_run_that_cannot_be_created_fails_the_job_at_its_first_evaluation(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    settings = job_settings(tiny_data, f"mlflow.tracking_uri=sqlite:///{tmp_path}/a_file/m.db")
+    job = tracker.JobRun(settings, "nowhere", {}, process=InThreadProcess())
+    with pytest.raises(tracker.TrackingError):
+        job.run_id  # noqa: B018 - waits for the tracking process's answer
+    with pytest.raises(tracker.TrackingError):
+        job.on_evaluation(evaluation(1))
+    job.end(tracker.FAILED, "no store")  # nothing to end: returns
+
+
+def test_when_the_tracking_process_dies_the_run_still_ends(
+    tiny_data: Path, tracking_uri: str
+) -> None:
+    process = tracker.TrackingProcess()
+    try:
+        job = tracker.JobRun(job_settings(tiny_data), "orphan", {}, process=process)
+        run_id = job.run_id
+        job.on_evaluation(evaluation(1))
+        process.process.kill()
+        process.process.join()
+        stopped = r"tracking process stopped \(exit code -9\)"
+        with pytest.raises(tracker.TrackingError, match=stopped):
+            for step in range(2, 100):
+                job.on_evaluation(evaluation(step))
+        job.end(tracker.FAILED, "the tracking process stopped")
+    finally:
+        process.close()
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "the tracking process stopped"
+
+
+def test_when_the_training_process_dies_its_run_ends_killed(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    script = f"""
+import os, signal
+from tests.test_tracking import evaluation, job_settings
+from src import tracker
+from pathlib import Path
+job = tracker.JobRun(job_settings(Path({str(tiny_data)!r})), "killed", {{}})
+job.on_evaluation(evaluation(1))
+print(job.run_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_id = done.stdout.split()[-1]
+    client = MlflowClient(tracking_uri)
+    deadline = time.monotonic() + 60
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "training process ended" in run.data.tags["error"]
+    assert len(client.get_metric_history(run_id, "val/loss")) == 1
 
 
 def test_curves_are_drawn_against_the_epoch() -> None:
-    curves = tracking.curves_from_history([evaluation(s, steps_per_epoch=4) for s in (2, 4, 6)])
+    curves = tracker.curves_from_history([evaluation(s, steps_per_epoch=4) for s in (2, 4, 6)])
     epochs, values = curves["val/loss"]
     np.testing.assert_allclose(epochs, [0.5, 1.0, 1.5])
     np.testing.assert_allclose(values, [1 / 2, 1 / 4, 1 / 6])
     assert set(curves) == set(METRICS)
-    assert tracking.curves_from_history([]) == {}
+    assert tracker.curves_from_history([]) == {}
 
 
 def test_the_parent_reference_travels_through_the_sweep_directory(tmp_path: Path) -> None:

@@ -1,0 +1,357 @@
+"""A job's MLflow run as the training process drives it: messages to the tracking process.
+
+MLflow's store costs about 100 µs of Python per metric (SQLAlchemy objects), and figures
+and model logging cost a few hundred milliseconds more. Done in the training process, that
+work would compete with the training for the interpreter lock and roughly double a short
+run. So the MLflow side of every job runs in a second process, :func:`src.tracking.serve`,
+started once per training process (on the first job) and reused by the later jobs of a
+sweep. This module is the training side: :class:`JobRun` sends the run's description, the
+metrics of each evaluation and, at the end, a folder of artifacts, as JSON over a pipe (no
+pickle), and waits only when the run ends. At the end both processes work: this one draws
+the learning curves and the confusion matrix while the tracking process draws the weight
+heatmaps and logs the served model.
+
+Nothing here imports MLflow, so a job that is refused or finds no data never loads it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from src import plots
+from src.config import Settings
+from src.data import Splits
+from src.training import Callback, Evaluation, TrainResult
+
+log = logging.getLogger(__name__)
+
+FIGURE_DPI = 80  # small PNGs, fast to render
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's RunStatus names
+WEIGHTS_FILE = "weights/weights.npz"  # in the artifacts; also the served model's weights
+HEATMAP_FILE = "plots/weights.png"
+POLL_SECONDS = 0.5  # how often a wait checks that the tracking process is still alive
+
+
+class TrackingError(RuntimeError):
+    """MLflow refused or lost part of a run (the store's message), or the tracking process
+    stopped."""
+
+
+# --------------------------------------------------------------------------- the process
+
+
+class TrackingProcess:
+    """The second process that speaks MLflow (``src.tracking.serve``), and its pipe.
+
+    Started with the "spawn" method: a fresh interpreter shares no locks or database
+    connections with this one, on every platform. Messages are JSON objects, one per
+    ``send_bytes``; the process ignores Ctrl-C (the whole terminal's process group gets it)
+    and ends a run only when told, or when this process disappears (the pipe closes).
+    """
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe(duplex=True)
+        from src.tracking import main  # the target, imported by name in the new process
+
+        self.process = context.Process(target=main, args=(child,), name="mlflow-tracking")
+        self.process.start()
+        child.close()
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stopped(self) -> TrackingError:
+        """The error that says the process has gone."""
+        return TrackingError(
+            f"the MLflow tracking process stopped (exit code {self.process.exitcode}); "
+            "its messages are above"
+        )
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        try:
+            self.connection.send_bytes(json.dumps(message).encode())
+        except OSError as error:
+            raise self.stopped() from error
+
+    def receive(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next reply, or None if none came within ``timeout`` seconds (0: don't wait)."""
+        try:
+            if not self.connection.poll(timeout):
+                return None
+            return json.loads(self.connection.recv_bytes())
+        except (EOFError, OSError) as error:
+            self.process.join(POLL_SECONDS)  # for its exit code
+            raise self.stopped() from error
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Let the process finish what it was sent and exit."""
+        try:
+            self.connection.close()  # the process sees the end of the pipe and exits
+        except OSError:
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+_PROCESS: TrackingProcess | None = None
+
+
+def tracking_process() -> TrackingProcess:
+    """This process's tracking process, started on first use (again if it has died)."""
+    global _PROCESS
+    if _PROCESS is None or not _PROCESS.alive():
+        first = _PROCESS is None
+        _PROCESS = TrackingProcess()
+        if first:
+            # After multiprocessing has registered its own exit handler (which waits for
+            # the children): handlers run last-registered first, so this one tells the
+            # process to exit before that wait.
+            atexit.register(_stop_tracking_process)
+    return _PROCESS
+
+
+def _stop_tracking_process() -> None:
+    global _PROCESS
+    if _PROCESS is not None:
+        _PROCESS.close()
+        _PROCESS = None
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def curves_from_history(history: Sequence[Evaluation]) -> plots.Curves:
+    """Per-step metrics as curves against the epoch: name -> (epochs, values)."""
+    if not history:
+        return {}
+    epochs = np.array([e.epoch for e in history], dtype=np.float64)
+    return {
+        name: (epochs, np.array([e.metrics[name] for e in history], dtype=np.float64))
+        for name in history[0].metrics
+    }
+
+
+def heatmap_titles(labels: Sequence[int], n_columns: int) -> list[str]:
+    """Panel titles of the weight heatmaps: the digit pair, or one digit per class."""
+    if n_columns == 1:
+        return [f"{labels[1]} (+) vs {labels[0]} (-)"]
+    return [str(d) for d in labels]
+
+
+def save(fig: Any, path: Path) -> None:
+    """Write a figure of the run at the artifacts' resolution."""
+    fig.set_dpi(FIGURE_DPI)
+    plots.save_figure(fig, path)
+
+
+def write_weights(result: TrainResult, labels: Sequence[int], folder: Path) -> Path:
+    """``weights/weights.npz`` in ``folder``: weights, bias and the digit of each class."""
+    path = folder / WEIGHTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        weights=np.asarray(result.model.weights),
+        bias=np.asarray(result.model.bias),
+        labels=np.asarray(labels, dtype=np.int64),
+    )
+    return path
+
+
+def write_history_artifacts(
+    result: TrainResult, splits: Splits, labels: Sequence[int], config_yaml: str, folder: Path
+) -> None:
+    """The artifacts drawn from the history and the predictions, under their stable names:
+    learning curves, confusion matrix and most-confused pairs, the class means beside the
+    weights (softmax), the resolved config. (The weight heatmaps are drawn by
+    :func:`src.tracking.write_heatmaps` from the weights file.)"""
+    for sub in ("plots", "tables", "config"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "config" / "config.yaml").write_text(config_yaml)
+    curves = curves_from_history(result.history)
+    if curves:
+        save(plots.learning_curves(curves, "loss"), folder / "plots" / "loss_curves.png")
+        save(plots.learning_curves(curves, "accuracy"), folder / "plots" / "accuracy_curves.png")
+    digits = np.asarray(labels)  # class index -> digit
+    y_true = digits[splits.test.labels]
+    y_pred = digits[result.model.predict(splits.test.images)]
+    shown = sorted(labels)
+    matrix = plots.confusion_matrix(y_true, y_pred, shown)
+    save(plots.confusion_figure(matrix, shown), folder / "plots" / "confusion_matrix.png")
+    pairs = plots.most_confused_pairs(matrix, shown)
+    (folder / "tables" / "most_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
+    weights = np.asarray(result.model.weights)
+    if weights.ndim == 2:
+        save(
+            plots.class_means_and_weights(splits.train.images, splits.train.labels, weights),
+            folder / "plots" / "class_means_and_weights.png",
+        )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class JobRun(Callback):
+    """The MLflow run of one training job, from start to FINISHED, FAILED or KILLED.
+
+    A :class:`src.training.Callback`: pass it to ``train()`` and every evaluation's metrics
+    go to the run. Then :meth:`log_result` and :meth:`end` (FINISHED), or :meth:`end` with
+    FAILED / KILLED and the reason. A store error reported by the tracking process stops the
+    training at the next evaluation with a :class:`TrackingError`.
+    """
+
+    _jobs = 0  # numbers the jobs of this process, so that a reply is never taken for another
+
+    def __init__(
+        self,
+        settings: Settings,
+        run_name: str,
+        tags: Mapping[str, str],
+        parent: Any = None,
+        process: TrackingProcess | None = None,
+    ) -> None:
+        """Ask for the run: the tracking process creates it with ``tags`` and the params
+        (nested under ``parent``, a :class:`src.tracking.ParentRef`, in a sweep), then adds
+        the tags that take a moment (git commit, data hash) while the training runs.
+        ``process`` defaults to this process's :func:`tracking_process`."""
+        JobRun._jobs += 1
+        self.job = JobRun._jobs
+        self.settings = settings
+        self.process = process or tracking_process()
+        self._run_id: str | None = None
+        self.started = self.ended = False
+        self.error: str | None = None  # the first error the tracking process reported
+        self.end_error: str | None = None
+        self.folder: tempfile.TemporaryDirectory | None = None
+        self._send(
+            "start",
+            tracking_uri=settings.tracking_uri,
+            experiment_name=settings.experiment_name,
+            parent=None
+            if parent is None
+            else {"run_id": parent.run_id, "experiment_id": parent.experiment_id},
+            run_name=run_name,
+            tags=dict(tags),
+            params=dict(settings.params),
+            data_dir=str(settings.data_dir),
+        )
+
+    def _send(self, op: str, **fields: Any) -> None:
+        self.process.send({"op": op, "job": self.job, **fields})
+
+    def _take(self, reply: dict[str, Any]) -> str | None:
+        """Note what a reply says; returns its op (None for another job's leftover reply)."""
+        if reply.get("job") != self.job:
+            return None
+        op = reply["op"]
+        if op == "started":
+            self.started, self._run_id = True, reply["run_id"]
+        elif op == "ended":
+            self.ended, self.end_error = True, reply.get("error")
+        if reply.get("error") and self.error is None:
+            self.error = reply["error"]
+        return op
+
+    def _wait_for(self, op: str) -> None:
+        while True:
+            reply = self.process.receive(POLL_SECONDS)
+            if reply is not None:
+                if self._take(reply) == op:
+                    return
+            elif not self.process.alive():
+                raise self.process.stopped()
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (waits for the run to exist)."""
+        if not self.started:
+            self._wait_for("started")
+        if self._run_id is None:
+            raise TrackingError(self.error or "the MLflow run could not be created")
+        return self._run_id
+
+    # ----------------------------------------------------------------- callback
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        now = int(time.time() * 1000)
+        step = evaluation.step
+        rows = [[key, float(value), now, step] for key, value in evaluation.metrics.items()]
+        self._send("metrics", metrics=rows)
+        while (reply := self.process.receive(0)) is not None:
+            self._take(reply)
+        if self.error is not None:  # the store refused something: stop the training
+            raise TrackingError(self.error)
+
+    # ----------------------------------------------------------------- the end
+
+    def log_result(self, result: TrainResult, splits: Splits, config_yaml: str) -> None:
+        """Hand over the final metrics, every artifact and the served model; :meth:`end`
+        waits until they are written."""
+        labels = self.settings.labels
+        self.folder = tempfile.TemporaryDirectory(prefix="mnist-run-")
+        folder = Path(self.folder.name)
+        weights_file = write_weights(result, labels, folder)
+        final = dict(result.final)
+        final.setdefault("best/step", result.best_step)
+        tags = {}
+        if result.history:  # lets the sweep parent plot the children's curves by epoch
+            first = result.history[0]
+            tags["steps_per_epoch"] = f"{first.step / first.epoch:.6g}"
+        n_columns = 1 if np.ndim(result.model.weights) == 1 else len(labels)
+        # The tracking process draws the heatmaps and logs the model while this one draws
+        # the rest; "upload" tells it that the folder is complete.
+        self._send(
+            "finish",
+            folder=str(folder),
+            weights_file=str(weights_file),
+            heatmap_titles=heatmap_titles(labels, n_columns),
+            final=final,
+            final_step=result.best_step,
+            tags=tags,
+        )
+        write_history_artifacts(result, splits, labels, config_yaml, folder)
+        self._send("upload")
+
+    def end(self, status: str, error: str | None = None) -> None:
+        """End the run with ``status``, recording ``error`` as its ``error`` tag, once the
+        tracking process has written everything; ending twice does nothing.
+
+        Raises :class:`TrackingError` if a FINISHED run could not be written whole (the run
+        then ends FAILED with the reason). If the tracking process has died, the run is
+        ended from here, so that it never stays RUNNING.
+        """
+        try:
+            if not self.ended:
+                self._send("end", status=status, error=error)
+                self._wait_for("ended")
+        except TrackingError as lost:
+            self._end_here(FAILED if status == FINISHED else status, error or str(lost))
+            if status == FINISHED:
+                raise
+            log.warning("%s", lost)  # the caller raises what stopped the run
+        finally:
+            if self.folder is not None:
+                self.folder.cleanup()
+                self.folder = None
+        if status == FINISHED and self.end_error:
+            raise TrackingError(self.end_error)
+
+    def _end_here(self, status: str, error: str) -> None:
+        if self._run_id is None or self.ended:
+            return
+        from src.tracking import end_run  # MLflow, in this process, only for this
+
+        end_run(self.settings.tracking_uri, self._run_id, status, error)
+        self.ended = True
