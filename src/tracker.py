@@ -8,8 +8,7 @@ started once per training process (on the first job) and reused by the later job
 sweep. This module is the training side: :class:`JobRun` sends the run's description, the
 metrics of each evaluation and, at the end, a folder of artifacts, as JSON over a pipe (no
 pickle), and waits only when the run ends. At the end both processes work: this one draws
-the learning curves and the confusion matrix while the tracking process draws the weight
-heatmaps and logs the served model.
+the figures while the tracking process writes the last metrics and logs the served model.
 
 Nothing here imports MLflow, so a job that is refused or finds no data never loads it.
 """
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 FIGURE_DPI = 80  # small PNGs, fast to render
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's RunStatus names
 WEIGHTS_FILE = "weights/weights.npz"  # in the artifacts; also the served model's weights
-HEATMAP_FILE = "plots/weights.png"
 POLL_SECONDS = 0.5  # how often a wait checks that the tracking process is still alive
 
 
@@ -170,13 +168,12 @@ def write_weights(result: TrainResult, labels: Sequence[int], folder: Path) -> P
     return path
 
 
-def write_history_artifacts(
+def write_artifacts(
     result: TrainResult, splits: Splits, labels: Sequence[int], config_yaml: str, folder: Path
 ) -> None:
-    """The artifacts drawn from the history and the predictions, under their stable names:
-    learning curves, confusion matrix and most-confused pairs, the class means beside the
-    weights (softmax), the resolved config. (The weight heatmaps are drawn by
-    :func:`src.tracking.write_heatmaps` from the weights file.)"""
+    """A run's figures and tables under their stable names: learning curves, weight
+    heatmaps, confusion matrix and most-confused pairs, the class means beside the weights
+    (softmax), the resolved config. (The weights file is :func:`write_weights`.)"""
     for sub in ("plots", "tables", "config"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     (folder / "config" / "config.yaml").write_text(config_yaml)
@@ -184,6 +181,9 @@ def write_history_artifacts(
     if curves:
         save(plots.learning_curves(curves, "loss"), folder / "plots" / "loss_curves.png")
         save(plots.learning_curves(curves, "accuracy"), folder / "plots" / "accuracy_curves.png")
+    weights = np.asarray(result.model.weights)
+    titles = heatmap_titles(labels, 1 if weights.ndim == 1 else weights.shape[1])
+    save(plots.weight_heatmaps(weights, titles), folder / "plots" / "weights.png")
     digits = np.asarray(labels)  # class index -> digit
     y_true = digits[splits.test.labels]
     y_pred = digits[result.model.predict(splits.test.images)]
@@ -192,7 +192,6 @@ def write_history_artifacts(
     save(plots.confusion_figure(matrix, shown), folder / "plots" / "confusion_matrix.png")
     pairs = plots.most_confused_pairs(matrix, shown)
     (folder / "tables" / "most_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
-    weights = np.asarray(result.model.weights)
     if weights.ndim == 2:
         save(
             plots.class_means_and_weights(splits.train.images, splits.train.labels, weights),
@@ -309,19 +308,17 @@ class JobRun(Callback):
         if result.history:  # lets the sweep parent plot the children's curves by epoch
             first = result.history[0]
             tags["steps_per_epoch"] = f"{first.step / first.epoch:.6g}"
-        n_columns = 1 if np.ndim(result.model.weights) == 1 else len(labels)
-        # The tracking process draws the heatmaps and logs the model while this one draws
-        # the rest; "upload" tells it that the folder is complete.
+        # The tracking process writes the last metrics and logs the model while this one
+        # draws the figures; "upload" tells it that the folder is complete.
         self._send(
             "finish",
             folder=str(folder),
             weights_file=str(weights_file),
-            heatmap_titles=heatmap_titles(labels, n_columns),
             final=final,
             final_step=result.best_step,
             tags=tags,
         )
-        write_history_artifacts(result, splits, labels, config_yaml, folder)
+        write_artifacts(result, splits, labels, config_yaml, folder)
         self._send("upload")
 
     def end(self, status: str, error: str | None = None) -> None:

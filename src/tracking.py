@@ -2,7 +2,7 @@
 
 A training job is one MLflow run, written by :func:`serve` in a process of its own (the
 training process drives it through :class:`src.tracker.JobRun`): creating the run, the
-metrics in ``log_batch`` calls, the weight heatmaps, the served model and the artifacts.
+metrics in ``log_batch`` calls, the served model and the artifacts.
 A multirun gets one parent run, created by :func:`start_parent` before any job, whose id
 travels to the jobs through a small file in the sweep directory (:func:`write_parent`,
 :func:`read_parent`), so jobs may run in other processes. :func:`finish_parent` draws the
@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from src import plots
 from src.config import PROJECT_ROOT
 from src.data import data_hash
-from src.tracker import FAILED, FIGURE_DPI, FINISHED, HEATMAP_FILE, KILLED, save
+from src.tracker import FAILED, FIGURE_DPI, FINISHED, KILLED
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,6 @@ def cached_data_hash(data_dir: Path) -> str:
     if key not in _DATA_HASHES:
         _DATA_HASHES[key] = data_hash(data_dir)
     return _DATA_HASHES[key]
-
-
-def write_heatmaps(weights_file: Path, titles: Sequence[str], path: Path) -> None:
-    """The weight heatmaps of a run, drawn from its weights file (one panel per class)."""
-    with np.load(weights_file, allow_pickle=False) as saved:
-        weights = saved["weights"]
-    save(plots.weight_heatmaps(weights, titles), path)
 
 
 def log_model(weights_file: Path) -> None:
@@ -306,8 +299,8 @@ class RunWriter:
             self.write_batch()
 
     def finish(self, message: dict[str, Any]) -> None:
-        """The final metrics and tags, the heatmaps and the served model (the training
-        process draws the other figures into the same folder meanwhile)."""
+        """The final metrics and tags, and the served model (the training process draws the
+        figures into the same folder meanwhile)."""
         now = int(time.time() * 1000)
         step = message["final_step"]
         self.add_metrics([[k, v, now, step] for k, v in message["final"].items()])
@@ -318,9 +311,6 @@ class RunWriter:
         if self.error is not None:
             return
         try:
-            write_heatmaps(
-                Path(message["weights_file"]), message["heatmap_titles"], self.folder / HEATMAP_FILE
-            )
             log_model(Path(message["weights_file"]))
         except Exception as error:
             self.fail(error)
