@@ -10,7 +10,8 @@ metrics of each evaluation and, at the end, a folder of artifacts, as JSON over 
 pickle), and waits only when the run ends. At the end both processes work: this one draws
 the figures while the tracking process writes the last metrics and logs the served model.
 
-Nothing here imports MLflow, so a job that is refused or finds no data never loads it.
+Nothing here imports MLflow (nor matplotlib, until the first figure), so a job that is
+refused or finds no data never loads them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from src import plots
 from src.config import Settings
 from src.data import Splits
 from src.training import Callback, Evaluation, TrainResult
@@ -49,7 +49,7 @@ class TrackingError(RuntimeError):
 
 
 class TrackingProcess:
-    """The second process that speaks MLflow (``src.tracking.serve``), and its pipe.
+    """The second process that speaks MLflow (``src.tracking.main``), and its pipe.
 
     Started with the "spawn" method: a fresh interpreter shares no locks or database
     connections with this one, on every platform. Messages are JSON objects, one per
@@ -131,7 +131,7 @@ def _stop_tracking_process() -> None:
 # --------------------------------------------------------------------------- artifacts
 
 
-def curves_from_history(history: Sequence[Evaluation]) -> plots.Curves:
+def curves_from_history(history: Sequence[Evaluation]) -> dict[str, tuple[np.ndarray, ...]]:
     """Per-step metrics as curves against the epoch: name -> (epochs, values)."""
     if not history:
         return {}
@@ -151,6 +151,8 @@ def heatmap_titles(labels: Sequence[int], n_columns: int) -> list[str]:
 
 def save(fig: Any, path: Path) -> None:
     """Write a figure of the run at the artifacts' resolution."""
+    from src import plots
+
     fig.set_dpi(FIGURE_DPI)
     plots.save_figure(fig, path)
 
@@ -174,6 +176,8 @@ def write_artifacts(
     """A run's figures and tables under their stable names: learning curves, weight
     heatmaps, confusion matrix and most-confused pairs, the class means beside the weights
     (softmax), the resolved config. (The weights file is :func:`write_weights`.)"""
+    from src import plots  # matplotlib loads in a moment: only for a run that got here
+
     for sub in ("plots", "tables", "config"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     (folder / "config" / "config.yaml").write_text(config_yaml)

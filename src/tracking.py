@@ -208,11 +208,11 @@ def failed_run(
 class RunWriter:
     """One job's run, in the tracking process: created on "start", closed on "end".
 
-    Metrics wait in ``pending`` and leave in ``log_batch`` calls of at least
-    ``MIN_METRICS_PER_BATCH`` (each call costs milliseconds whatever its size) when no
-    message is waiting, or sooner when they are ``FLUSH_SECONDS`` old (live curves in
-    `mlflow ui`). The first error the store gives is kept, reported once to the training
-    process (which stops the training), and ends the run FAILED.
+    Metrics wait in ``pending`` and leave in full ``log_batch`` calls of
+    ``MAX_METRICS_PER_BATCH`` (each call costs milliseconds whatever its size), or when the
+    oldest is ``FLUSH_SECONDS`` old (live curves in `mlflow ui`), and all at the end. The
+    first error the store gives is kept, reported once to the training process (which stops
+    the training), and ends the run FAILED.
     """
 
     def __init__(self, connection: Connection, message: dict[str, Any]) -> None:
@@ -341,8 +341,9 @@ class RunWriter:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    """What MLflow said, as one line that says who said it."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"MLflow: {text}"
 
 
 def _reply(connection: Connection, op: str, job: int, **fields: Any) -> None:
@@ -367,7 +368,7 @@ def serve(connection: Connection) -> None:
     writer: RunWriter | None = None
     while True:
         try:
-            if writer is not None and writer.ready() and not connection.poll(0):
+            if writer is not None and writer.ready():
                 writer.write_batch()
                 continue
             if writer is not None and writer.pending:  # wake up for the flush

@@ -33,6 +33,7 @@ from src import sweep
 from src.config import PROJECT_ROOT, ConfigError, Settings, config_yaml, run_name, validate
 from src.data import DataError, Splits, binary_task, limit_train, load_processed
 from src.models import LogisticRegression, SoftmaxRegression
+from src.tracker import TrackingError
 from src.training import Callback, DivergenceError, Evaluation, TrainResult, train
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ log = logging.getLogger("src.train")
 # The error that stopped this process's single run, reported by main() on one line.
 JOB_ERRORS: list[Exception] = []
 
-# Failures a user can cause: reported on one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, DivergenceError)
+# Failures a user can cause: reported on one line, without a traceback (a TrackingError is
+# the store's message: an unreachable server, a read-only database).
+USER_ERRORS = (ConfigError, DataError, DivergenceError, TrackingError)
 EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
 
 

@@ -248,6 +248,18 @@ def test_a_refused_config_stops_with_one_line_and_no_run(
     assert all_runs(MlflowClient(uri)) == []
 
 
+def test_a_store_that_cannot_be_opened_fails_the_job_with_one_line(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"
+    done = run_train([f"data.dir={tiny_data}", "epochs=2"], uri, tmp_path / "work")
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MLflow: ") and "File exists" in last, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_help_and_cfg_job(tracking_uri: str, tmp_path: Path) -> None:
     shown = run_train(["--cfg", "job"], tracking_uri, tmp_path / "cfg")
     assert shown.returncode == 0, shown.stderr
