@@ -17,18 +17,23 @@ refused or finds no data never loads them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
-import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from src.config import Settings
+from src.config import PROJECT_ROOT, Settings
 from src.data import Splits
 from src.training import Callback, Evaluation, TrainResult
 
@@ -49,30 +54,39 @@ class TrackingError(RuntimeError):
 
 
 class TrackingProcess:
-    """The second process that speaks MLflow (``src.tracking.main``), and its pipe.
+    """The second process that speaks MLflow (``python -m src.tracking``), and its pipe.
 
-    Started with the "spawn" method: a fresh interpreter shares no locks or database
-    connections with this one, on every platform. Messages are JSON objects, one per
-    ``send_bytes``; the process ignores Ctrl-C (the whole terminal's process group gets it)
-    and ends a run only when told, or when this process disappears (the pipe closes).
+    A plain subprocess of this Python, not a ``multiprocessing`` child: it imports nothing
+    of this process (not its ``__main__``, not its start method, which a parallel launcher
+    such as joblib's sets to its own), and shares no locks or database connections with it.
+    Messages are JSON objects, one per ``send_bytes``, over a socket pair. The process
+    ignores Ctrl-C (the whole terminal's process group gets it) and ends a run only when
+    told, or when this process disappears (the socket closes).
     """
 
     def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe(duplex=True)
-        from src.tracking import main  # the target, imported by name in the new process
-
-        self.process = context.Process(target=main, args=(child,), name="mlflow-tracking")
-        self.process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)  # with the project importable, whatever the working directory
+        paths = [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "src.tracking", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self.connection = Connection(ours.detach())
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return self.process.poll() is None
 
     def stopped(self) -> TrackingError:
         """The error that says the process has gone."""
         return TrackingError(
-            f"the MLflow tracking process stopped (exit code {self.process.exitcode}); "
+            f"the MLflow tracking process stopped (exit code {self.process.poll()}); "
             "its messages are above"
         )
 
@@ -89,19 +103,19 @@ class TrackingProcess:
                 return None
             return json.loads(self.connection.recv_bytes())
         except (EOFError, OSError) as error:
-            self.process.join(POLL_SECONDS)  # for its exit code
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(POLL_SECONDS)  # for its exit code
             raise self.stopped() from error
 
     def close(self, timeout: float = 30.0) -> None:
         """Let the process finish what it was sent and exit."""
+        with contextlib.suppress(OSError):
+            self.connection.close()  # the process sees the end of the socket and exits
         try:
-            self.connection.close()  # the process sees the end of the pipe and exits
-        except OSError:
-            pass
-        self.process.join(timeout)
-        if self.process.is_alive():
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.join()
+            self.process.wait()
 
 
 _PROCESS: TrackingProcess | None = None
@@ -111,13 +125,9 @@ def tracking_process() -> TrackingProcess:
     """This process's tracking process, started on first use (again if it has died)."""
     global _PROCESS
     if _PROCESS is None or not _PROCESS.alive():
-        first = _PROCESS is None
-        _PROCESS = TrackingProcess()
-        if first:
-            # After multiprocessing has registered its own exit handler (which waits for
-            # the children): handlers run last-registered first, so this one tells the
-            # process to exit before that wait.
+        if _PROCESS is None:
             atexit.register(_stop_tracking_process)
+        _PROCESS = TrackingProcess()
     return _PROCESS
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -350,15 +351,16 @@ def _reply(connection: Connection, op: str, job: int, **fields: Any) -> None:
     connection.send_bytes(json.dumps({"op": op, "job": job, **fields}).encode())
 
 
-def main(connection: Connection) -> None:
-    """The tracking process (started by :class:`src.tracker.TrackingProcess`).
+def main(fd: int) -> None:
+    """The tracking process (``python -m src.tracking FD``, started by
+    :class:`src.tracker.TrackingProcess`), talking over the socket ``fd``.
 
     Ctrl-C is ignored here: the training process gets it too, and ends its run KILLED.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         os.nice(NICENESS)
-    serve(connection)
+    serve(Connection(fd))
 
 
 def serve(connection: Connection) -> None:
@@ -540,3 +542,7 @@ def _summary_table(children: Sequence[Any], path: Path) -> None:
             row += [r.data.metrics.get(k, "") for k in metric_names]
             row.append(r.data.tags.get(ERROR_TAG, ""))
             writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -36,21 +36,18 @@ def evaluation(step: int, steps_per_epoch: int = 10) -> Evaluation:
     return Evaluation(step=step, epoch=step / steps_per_epoch, metrics=values)
 
 
-class InThreadProcess:
+class InThreadProcess(tracker.TrackingProcess):
     """The tracking process's loop (``tracking.serve``) on a thread of this process, behind
-    the same pipe as the real one, so that a test can watch or break MLflow calls."""
+    the same kind of pipe as the real one, so that a test can watch or break MLflow calls."""
 
     def __init__(self) -> None:
         self.connection, child = multiprocessing.Pipe()
-        self.thread = threading.Thread(target=tracking.serve, args=(child,), daemon=True)
-        self.thread.start()
-        self.real = tracker.TrackingProcess.__new__(tracker.TrackingProcess)
-        self.real.connection = self.connection
-        self.real.process = SimpleNamespace(exitcode=None, is_alive=self.thread.is_alive,
-                                            join=self.thread.join)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
+        thread = threading.Thread(target=tracking.serve, args=(child,), daemon=True)
+        thread.start()
+        self.process = SimpleNamespace(  # what TrackingProcess asks of its Popen
+            poll=lambda: None if thread.is_alive() else 0,
+            wait=lambda timeout=None: thread.join(timeout),
+        )
 
 
 def job_settings(tiny_data: Path, *overrides: str) -> Settings:
@@ -125,7 +122,7 @@ def test_when_the_tracking_process_dies_the_run_still_ends(
         run_id = job.run_id
         job.on_evaluation(evaluation(1))
         process.process.kill()
-        process.process.join()
+        process.process.wait()
         stopped = r"tracking process stopped \(exit code -9\)"
         with pytest.raises(tracker.TrackingError, match=stopped):
             for step in range(2, 100):

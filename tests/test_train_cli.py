@@ -161,6 +161,28 @@ def test_multirun_nests_three_jobs_under_one_parent(
     assert np.mean(predicted == digits) > 0.8
 
 
+def test_a_parallel_launcher_nests_jobs_from_other_processes_under_one_parent(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lambda=0,0.01,1e9",
+            f"data.dir={tiny_data}", *SHORT]
+    done = run_train(args, tracking_uri, tmp_path / "work")
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr  # jobs in 2 worker processes
+    assert done.returncode == 1, done.stderr
+    assert "1 of 3 jobs failed" in done.stderr.strip().splitlines()[-1]
+    client = MlflowClient(tracking_uri)
+    runs = all_runs(client)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    statuses = {c.data.params["lambda"]: c.info.status for c in children}
+    assert statuses == {"0": "FINISHED", "0.01": "FINISHED", "1000000000.0": "FAILED"}
+    assert parent.info.status == "FAILED"
+    for child in children:
+        if child.info.status == "FINISHED":
+            assert all_artifacts(client, child.info.run_id) == RUN_ARTIFACTS
+
+
 def test_a_diverging_job_fails_alone_and_the_parent_is_closed(
     tiny_data: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
