@@ -11,7 +11,7 @@ Notation (docs/derivations.md derives every formula here):
     J(w) = E(w) + l2 * ||w||^2                    the cost `loss` returns; the bias is not penalised
     dJ/dw = mean_n -(t^n - y^n) x^n + 2 * l2 * w  the gradient `gradients` returns
 
-Losses are computed from the logits (logaddexp, log-sum-exp with the row maximum
+Losses are computed from the logits (softplus, log-sum-exp with the row maximum
 subtracted), never as the log of a probability, so that no logit, however large,
 overflows or takes log(0). Every computation follows the dtype of the weights.
 """
@@ -60,6 +60,15 @@ def softmax(z: np.ndarray) -> np.ndarray:
     np.exp(probabilities, out=probabilities)
     probabilities /= probabilities.sum(axis=0)
     return probabilities.T
+
+
+def softplus(z: np.ndarray) -> np.ndarray:
+    """``ln(1 + e^z)`` elementwise, as ``max(z, 0) + ln(1 + e^-|z|)``: no overflow for any z.
+
+    The value of ``np.logaddexp(0, z)``, by whole-array operations that numpy vectorises:
+    several times faster on the long vectors of an evaluation.
+    """
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -114,10 +123,10 @@ class LogisticRegression:
         """Mean cross-entropy from logits z (n_samples,) and labels y (n_samples,) in {0, 1}.
 
         ``-[t ln sigmoid(z) + (1 - t) ln(1 - sigmoid(z))]`` is ``ln(1 + e^-z)`` when t = 1
-        and ``ln(1 + e^z)`` when t = 0, i.e. ``logaddexp(0, -z)`` or ``logaddexp(0, z)``.
+        and ``ln(1 + e^z)`` when t = 0, i.e. ``softplus(-z)`` or ``softplus(z)``.
         """
         signed = np.where(y == 1, -z, z)
-        return float(np.mean(np.logaddexp(0, signed)))
+        return float(np.mean(softplus(signed)))
 
     def loss(self, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
         """Cost ``J = mean cross-entropy + l2 * ||w||^2`` (the bias is not penalised).
@@ -176,7 +185,7 @@ class LogisticRegression:
     def loss_and_accuracy(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """Mean cross-entropy (no L2 term) and accuracy in [0, 1], from one pass over X."""
         z = self.logits(X)
-        return self.cross_entropy(z, y), float(np.mean((z > 0) == (y == 1)))
+        return self.cross_entropy(z, y), float(np.count_nonzero((z > 0) == (y == 1)) / len(y))
 
 
 class SoftmaxRegression:

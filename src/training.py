@@ -7,7 +7,7 @@ learning rate is a pure function of the step; the best-validation weights are ke
 plain comparison. Nothing here knows about MLflow, Hydra or plotting: tracking and
 progress bars plug in through :class:`Callback`. For speed, one helper thread copies the
 next mini-batches out of the training matrix while the loop trains on the current ones
-(:func:`prefetched_batches`), and evaluates val and test while the loop evaluates train.
+(:func:`prefetched_batches`), and shares the evaluations (:func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from src.data import Dataset, Splits
 SCHEDULES = ("constant", "exponential")
 SCHEDULE_UNITS = ("epoch", "step")
 GATHER_CHUNK = 16  # mini-batches whose rows the helper thread copies at a time
+# Rows of an evaluation that a thread takes at a time. The logistic evaluation is a
+# matrix-vector product, bound by memory bandwidth: few large pieces (each call has a
+# fixed cost, and the two threads' products share the bandwidth) beat many small ones.
+EVAL_PIECE_ROWS = 6144
 
 
 @dataclass(frozen=True)
@@ -222,33 +226,39 @@ def evaluation_steps(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
 def evaluate(model: Any, splits: Splits, helper: Executor | None = None) -> dict[str, float]:
     """Loss (mean cross-entropy, no L2 term) and accuracy of ``model`` on every split.
 
-    With ``helper`` (an executor), the rows are shared about evenly between it and this
-    thread: the helper takes val, test and the first training rows, this thread the other
-    training rows; the training figures are the row-weighted means of the two parts.
+    The rows are cut into pieces of at most ``EVAL_PIECE_ROWS``. With ``helper`` (an
+    executor), this thread and the helper take the pieces from one list, each the next
+    one as soon as it is free, so that the two finish together even when the helper
+    starts late (it may be gathering mini-batches). A split's figures are the
+    row-weighted means of its pieces' figures, added in the pieces' order: the same
+    numbers with or without the helper.
     """
-
-    def loss_and_accuracy(dataset: Dataset, rows: slice = slice(None)) -> tuple[float, float]:
-        with np.errstate(over="ignore", invalid="ignore"):  # numpy's error state is per thread
-            return model.loss_and_accuracy(dataset.images[rows], dataset.labels[rows])
-
     names = ("train", "val", "test")
+    pieces = [(name, start, min(start + EVAL_PIECE_ROWS, len(getattr(splits, name))))
+              for name in names
+              for start in range(0, len(getattr(splits, name)), EVAL_PIECE_ROWS)]
+
+    def work(queue: Iterator[tuple[str, int, int]]) -> dict[tuple[str, int, int], tuple]:
+        figures = {}
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy's error state is per thread
+            for piece in queue:  # next() on a list iterator is atomic: a piece is taken once
+                name, start, stop = piece
+                dataset: Dataset = getattr(splits, name)
+                figures[piece] = model.loss_and_accuracy(dataset.images[start:stop],
+                                                         dataset.labels[start:stop])
+        return figures
+
+    queue = iter(pieces)
     if helper is None:
-        figures = {name: loss_and_accuracy(getattr(splits, name)) for name in names}
+        figures = work(queue)
     else:
-        # The helper's training rows are [:cut], so that each thread has half of all rows.
-        n_train = len(splits.train)
-        cut = max(n_train - (n_train + len(splits.val) + len(splits.test)) // 2, 0)
-        held_out = {name: helper.submit(loss_and_accuracy, getattr(splits, name))
-                    for name in ("val", "test")}
-        head = helper.submit(loss_and_accuracy, splits.train, slice(None, cut)) if cut else None
-        tail = loss_and_accuracy(splits.train, slice(cut, None))
-        figures = {name: future.result() for name, future in held_out.items()}
-        figures["train"] = tail if head is None else tuple(
-            (head_figure * cut + tail_figure * (n_train - cut)) / n_train
-            for head_figure, tail_figure in zip(head.result(), tail, strict=True))
-    return {f"{name}/{figure}": value
-            for name in names
-            for figure, value in zip(("loss", "accuracy"), figures[name], strict=True)}
+        theirs = helper.submit(work, queue)
+        figures = work(queue)
+        figures.update(theirs.result())
+    return {f"{name}/{figure}": sum(figures[piece][index] * (piece[2] - piece[1])
+                                    for piece in pieces if piece[0] == name)
+                                / len(getattr(splits, name))
+            for name in names for index, figure in enumerate(("loss", "accuracy"))}
 
 
 def _copy(parameter: Any) -> Any:

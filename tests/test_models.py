@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from src.models import LogisticRegression, SoftmaxRegression
+from src.models import LogisticRegression, SoftmaxRegression, softplus
 
 STEP = 1e-5  # centred difference step (float64)
 TOLERANCE = 1e-6  # relative error |a - n| / max(|a|, |n|), as in cs231n
@@ -146,6 +146,19 @@ def test_zero_weights_give_chance_level_loss():
     digits = np.arange(50) % 10
     assert SoftmaxRegression().loss(X, digits) == pytest.approx(math.log(10), rel=1e-6)
     assert LogisticRegression().loss(X, digits % 2) == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softplus_is_logaddexp(dtype):
+    """ln(1 + e^z) by the vectorised formula: the value of logaddexp, to a few ulps."""
+    z = np.concatenate([np.linspace(-30, 30, 1001), [-1e4, -100, 0.0, 100, 1e4]]).astype(dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+        values = softplus(z)
+    assert values.dtype == dtype
+    exact = np.logaddexp(0, z.astype(np.float64))
+    close = {"rtol": 8 * np.finfo(dtype).eps, "atol": np.finfo(dtype).tiny}  # e^-100: subnormal
+    np.testing.assert_allclose(values, exact, **close)
+    np.testing.assert_allclose(values, np.logaddexp(0, z), **close)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -3,6 +3,7 @@
 import itertools
 import math
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -353,23 +354,34 @@ def test_prefetched_batches_cut_every_order_into_the_batches_of_the_plain_loop(
         np.testing.assert_array_equal(got_labels, want_labels)
 
 
-@pytest.mark.parametrize("n_train", [90, 20])  # the helper takes 15 training rows, or none
-def test_an_evaluation_shared_with_a_helper_gives_the_same_figures(n_train):
-    full = separable_splits(3)  # 90 / 30 / 30 rows
-    train_set = Dataset(images=full.train.images[:n_train], labels=full.train.labels[:n_train])
-    splits = Splits(train=train_set, val=full.val, test=full.test)
-    model = SoftmaxRegression(20, 3)
+@pytest.mark.parametrize("kind", ["logistic", "softmax"])
+@pytest.mark.parametrize("piece_rows", [7, 16, 6144])  # many pieces, uneven ones, one per split
+def test_an_evaluation_shared_with_a_helper_gives_the_same_figures(monkeypatch, kind, piece_rows):
+    monkeypatch.setattr(src.training, "EVAL_PIECE_ROWS", piece_rows)
+    splits = separable_splits(2 if kind == "logistic" else 3)  # 60 / 20 / 20 or 90 / 30 / 30 rows
     rng = np.random.default_rng(3)
-    model.weights, model.bias = rng.normal(size=(20, 3)), rng.normal(size=3)
+    if kind == "logistic":
+        model = LogisticRegression(20, dtype=np.float64)
+        model.weights, model.bias = rng.normal(size=20), float(rng.normal())
+    else:
+        model = SoftmaxRegression(20, 3, dtype=np.float64)
+        model.weights, model.bias = rng.normal(size=(20, 3)), rng.normal(size=3)
     alone = evaluate(model, splits)
     with ThreadPoolExecutor(max_workers=1) as helper:
         shared = evaluate(model, splits, helper)
-    assert list(shared) == list(alone) == [
-        f"{name}/{figure}" for name in ("train", "val", "test") for figure in ("loss", "accuracy")]
-    for name in ("val/loss", "val/accuracy", "test/loss", "test/accuracy"):
-        assert shared[name] == alone[name]
-    assert shared["train/loss"] == pytest.approx(alone["train/loss"], rel=1e-12)
-    assert shared["train/accuracy"] == pytest.approx(alone["train/accuracy"], rel=1e-12)
+        # the helper busy when the evaluation starts (gathering mini-batches in train())
+        busy = helper.submit(time.sleep, 0.05)
+        late = evaluate(model, splits, helper)
+        busy.result()
+    names = [f"{name}/{figure}" for name in ("train", "val", "test")
+             for figure in ("loss", "accuracy")]
+    assert list(alone) == list(shared) == list(late) == names
+    assert shared == alone and late == alone  # the pieces are added in the same order
+    for name in ("train", "val", "test"):  # row-weighted means of the pieces: the whole split's
+        dataset = getattr(splits, name)
+        loss, accuracy = model.loss_and_accuracy(dataset.images, dataset.labels)
+        assert alone[f"{name}/loss"] == pytest.approx(loss, rel=1e-12)
+        assert alone[f"{name}/accuracy"] == pytest.approx(accuracy, rel=1e-12)
 
 
 def helper_threads() -> list[threading.Thread]:
