@@ -28,9 +28,9 @@ from src.data import Dataset, Splits
 SCHEDULES = ("constant", "exponential")
 SCHEDULE_UNITS = ("epoch", "step")
 GATHER_CHUNK = 16  # mini-batches whose rows the helper thread copies at a time
-# Rows of an evaluation that a thread takes at a time. The logistic evaluation is a
-# matrix-vector product, bound by memory bandwidth: few large pieces (each call has a
-# fixed cost, and the two threads' products share the bandwidth) beat many small ones.
+# Rows of an evaluation that a thread takes at a time: enough pieces for the two threads
+# to finish together, few enough that the fixed cost of each call does not show (the
+# logistic evaluation, a matrix-vector product bound by memory bandwidth, is the tightest).
 EVAL_PIECE_ROWS = 6144
 
 
