@@ -21,12 +21,14 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,12 @@ FIGURE_DPI = 80  # small PNGs, fast to render
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's RunStatus names
 WEIGHTS_FILE = "weights/weights.npz"  # in the artifacts; also the served model's weights
 POLL_SECONDS = 0.5  # how often a wait checks that the tracking process is still alive
+# Metrics leave for the tracking process in messages of one full log_batch call (the most
+# MLflow takes in one), or when the oldest is FLUSH_SECONDS old (live curves in `mlflow ui`):
+# a message per evaluation would wake that process hundreds of times a second, and each
+# wake-up takes a core from the training for a moment.
+METRICS_PER_MESSAGE = 1000
+FLUSH_SECONDS = 2.0
 
 
 class TrackingError(RuntimeError):
@@ -51,6 +59,31 @@ class TrackingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- the process
+
+
+@contextlib.contextmanager
+def whole_messages() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the message being sent or read is whole.
+
+    A message is a length and then the bytes, written or read in several steps; a
+    KeyboardInterrupt between two of them would cut it, and every message after it would
+    be read wrongly. A signal that arrives meanwhile is raised again at the end of the block.
+    (Signal handlers belong to the main thread; elsewhere this does nothing.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in previous:
+        signal.signal(number, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 class TrackingProcess:
@@ -91,8 +124,10 @@ class TrackingProcess:
         )
 
     def send(self, message: Mapping[str, Any]) -> None:
+        data = json.dumps(message).encode()
         try:
-            self.connection.send_bytes(json.dumps(message).encode())
+            with whole_messages():
+                self.connection.send_bytes(data)
         except OSError as error:
             raise self.stopped() from error
 
@@ -101,7 +136,9 @@ class TrackingProcess:
         try:
             if not self.connection.poll(timeout):
                 return None
-            return json.loads(self.connection.recv_bytes())
+            with whole_messages():
+                data = self.connection.recv_bytes()
+            return json.loads(data)
         except (EOFError, OSError) as error:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(POLL_SECONDS)  # for its exit code
@@ -248,6 +285,8 @@ class JobRun(Callback):
         self.error: str | None = None  # the first error the tracking process reported
         self.end_error: str | None = None
         self.folder: tempfile.TemporaryDirectory | None = None
+        self.rows: list[list[Any]] = []  # metrics not sent yet: [key, value, time_ms, step]
+        self.sent_at = time.monotonic()
         self._send(
             "start",
             tracking_uri=settings.tracking_uri,
@@ -298,14 +337,23 @@ class JobRun(Callback):
     # ----------------------------------------------------------------- callback
 
     def on_evaluation(self, evaluation: Evaluation) -> None:
-        now = int(time.time() * 1000)
-        step = evaluation.step
-        rows = [[key, float(value), now, step] for key, value in evaluation.metrics.items()]
-        self._send("metrics", metrics=rows)
+        now, step = int(time.time() * 1000), evaluation.step
+        self.rows.extend([k, float(v), now, step] for k, v in evaluation.metrics.items())
+        if len(self.rows) >= METRICS_PER_MESSAGE:
+            self._send_metrics(full_only=True)
+        elif time.monotonic() - self.sent_at > FLUSH_SECONDS:
+            self._send_metrics()
         while (reply := self.process.receive(0)) is not None:
             self._take(reply)
         if self.error is not None:  # the store refused something: stop the training
             raise TrackingError(self.error)
+
+    def _send_metrics(self, full_only: bool = False) -> None:
+        """Send the waiting metrics (only whole messages of METRICS_PER_MESSAGE if asked)."""
+        while len(self.rows) >= (METRICS_PER_MESSAGE if full_only else 1):
+            self._send("metrics", metrics=self.rows[:METRICS_PER_MESSAGE])
+            del self.rows[:METRICS_PER_MESSAGE]
+        self.sent_at = time.monotonic()
 
     # ----------------------------------------------------------------- the end
 
@@ -313,6 +361,7 @@ class JobRun(Callback):
         """Hand over the final metrics, every artifact and the served model; :meth:`end`
         waits until they are written."""
         labels = self.settings.labels
+        self._send_metrics()
         self.folder = tempfile.TemporaryDirectory(prefix="mnist-run-")
         folder = Path(self.folder.name)
         weights_file = write_weights(result, labels, folder)
@@ -345,6 +394,7 @@ class JobRun(Callback):
         """
         try:
             if not self.ended:
+                self._send_metrics()  # those of the evaluations up to a stop are kept
                 self._send("end", status=status, error=error)
                 self._wait_for("ended")
         except TrackingError as lost:

@@ -41,11 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FAILED", "FINISHED", "KILLED"]  # the run statuses, shared with src.tracker
 
 PARENT_FILE = "mlflow_parent.json"
-# The most MLflow accepts in one log_batch call. A call costs milliseconds whatever its size,
-# plus about 60 µs per metric on SQLite, so metrics wait until a call is full (or until
-# they are FLUSH_SECONDS old, for live curves in `mlflow ui`).
-MAX_METRICS_PER_BATCH = 1000
-FLUSH_SECONDS = 2.0
+MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
 # The tracking process yields the CPU to the training (the lowest priority): while a job
 # trains it writes in the gaps, and at the end of a run the training process waits for it.
 NICENESS = 19
@@ -209,10 +205,9 @@ def failed_run(
 class RunWriter:
     """One job's run, in the tracking process: created on "start", closed on "end".
 
-    Metrics wait in ``pending`` and leave in full ``log_batch`` calls of
-    ``MAX_METRICS_PER_BATCH`` (each call costs milliseconds whatever its size), or when the
-    oldest is ``FLUSH_SECONDS`` old (live curves in `mlflow ui`), and all at the end. The
-    first error the store gives is kept, reported once to the training process (which stops
+    Metrics arrive in messages of up to ``MAX_METRICS_PER_BATCH`` (the training process
+    gathers them) and are written at once, one ``log_batch`` call each. The first error the
+    store gives is kept, reported once to the training process (which stops
     the training), and ends the run FAILED.
     """
 
@@ -221,8 +216,6 @@ class RunWriter:
 
         self.connection = connection
         self.job = message["job"]
-        self.pending: list[Metric] = []
-        self.oldest = 0.0  # when the oldest pending metric arrived
         self.error: str | None = None
         self.folder: Path | None = None
         self.run_id: str | None = None
@@ -272,40 +265,26 @@ class RunWriter:
             return
         self.add_tags(tags)
 
-    def add_metrics(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Queue ``[key, value, timestamp_ms, step]`` rows."""
-        if not self.pending:
-            self.oldest = time.monotonic()
-        self.pending.extend(Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows)
-
-    def ready(self) -> bool:
-        """Whether the pending metrics should be written before the next message."""
-        return len(self.pending) >= MAX_METRICS_PER_BATCH or (
-            bool(self.pending) and time.monotonic() - self.oldest > FLUSH_SECONDS
-        )
-
-    def write_batch(self) -> None:
-        batch = self.pending[:MAX_METRICS_PER_BATCH]
-        del self.pending[:MAX_METRICS_PER_BATCH]
-        self.oldest = time.monotonic()
-        if self.error is not None:
-            return  # the run will end FAILED; its metrics are dropped
-        try:
-            self.client.log_batch(self.run_id, metrics=batch)
-        except Exception as error:
-            self.fail(error)
-
-    def flush(self) -> None:
-        while self.pending:
-            self.write_batch()
+    def write_metrics(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Write ``[key, value, timestamp_ms, step]`` rows (dropped after an error: the run
+        will end FAILED)."""
+        metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows]
+        for first in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            if self.error is not None:
+                return
+            try:
+                self.client.log_batch(
+                    self.run_id, metrics=metrics[first : first + MAX_METRICS_PER_BATCH]
+                )
+            except Exception as error:
+                self.fail(error)
 
     def finish(self, message: dict[str, Any]) -> None:
         """The final metrics and tags, and the served model (the training process draws the
         figures into the same folder meanwhile)."""
         now = int(time.time() * 1000)
         step = message["final_step"]
-        self.add_metrics([[k, v, now, step] for k, v in message["final"].items()])
-        self.flush()
+        self.write_metrics([[k, v, now, step] for k, v in message["final"].items()])
         if message["tags"]:
             self.add_tags(message["tags"])
         self.folder = Path(message["folder"])
@@ -330,7 +309,6 @@ class RunWriter:
         returns the kept error, if any. A run that has already ended is left alone."""
         import mlflow
 
-        self.flush()
         if status == FINISHED and self.error is not None:
             status, error = FAILED, self.error
         try:
@@ -366,49 +344,56 @@ def main(fd: int) -> None:
 def serve(connection: Connection) -> None:
     """Carry out the runs that the training process describes (:class:`src.tracker.JobRun`),
     one at a time, until the pipe closes. A run the training process leaves open (it died,
-    or gave up waiting) ends KILLED."""
+    or gave up waiting) ends KILLED; so does one whose messages stop making sense. Whatever
+    happens, no run is left for MLflow's exit hook, which would end it FINISHED."""
     writer: RunWriter | None = None
-    while True:
+    try:
+        while True:
+            try:
+                message = json.loads(connection.recv_bytes())
+            except (EOFError, OSError):
+                if writer is not None:
+                    writer.end(KILLED, "the training process ended without ending the run")
+                    writer = None
+                return
+            writer = _carry_out(connection, writer, message)
+    finally:
+        if writer is not None:  # a bug, or a message cut in two: say so on the run
+            writer.end(KILLED, "the tracking process stopped on an error (see its log)")
+
+
+def _carry_out(
+    connection: Connection, writer: RunWriter | None, message: dict[str, Any]
+) -> RunWriter | None:
+    """Do what ``message`` says; returns the run being written afterwards, if any."""
+    op, job = message["op"], message["job"]
+    if op == "start":
+        if writer is not None:  # the training process gave up on it (a second Ctrl-C)
+            writer.end(KILLED, "interrupted")
         try:
-            if writer is not None and writer.ready():
-                writer.write_batch()
-                continue
-            if writer is not None and writer.pending:  # wake up for the flush
-                if not connection.poll(FLUSH_SECONDS):
-                    continue
-            message = json.loads(connection.recv_bytes())
-        except (EOFError, OSError):
-            if writer is not None:
-                writer.end(KILLED, "the training process ended without ending the run")
-            return
-        op, job = message["op"], message["job"]
-        if op == "start":
-            if writer is not None:  # the training process gave up on it (a second Ctrl-C)
-                writer.end(KILLED, "interrupted")
-            try:
-                writer = RunWriter(connection, message)
-            except Exception as error:
-                writer = None
-                _reply(connection, "started", job, run_id=None, error=_one_line(error))
-                continue
-            _reply(connection, "started", job, run_id=writer.run_id)
-            writer.add_source_tags(Path(message["data_dir"]))
-        elif writer is None or writer.job != job:
-            if op == "end":  # the run never started: nothing to end
-                _reply(connection, "ended", job)
-        elif op == "metrics":
-            writer.add_metrics(message["metrics"])
-        elif op == "finish":
-            writer.finish(message)
-        elif op == "upload":
-            writer.upload()
-        elif op == "end":
-            try:
-                kept = writer.end(message["status"], message["error"])
-            except Exception as error:
-                kept = _one_line(error)
-            writer = None
-            _reply(connection, "ended", job, error=kept)
+            writer = RunWriter(connection, message)
+        except Exception as error:
+            _reply(connection, "started", job, run_id=None, error=_one_line(error))
+            return None
+        _reply(connection, "started", job, run_id=writer.run_id)
+        writer.add_source_tags(Path(message["data_dir"]))
+    elif writer is None or writer.job != job:
+        if op == "end":  # the run never started: nothing to end
+            _reply(connection, "ended", job)
+    elif op == "metrics":
+        writer.write_metrics(message["metrics"])
+    elif op == "finish":
+        writer.finish(message)
+    elif op == "upload":
+        writer.upload()
+    elif op == "end":
+        try:
+            kept = writer.end(message["status"], message["error"])
+        except Exception as error:
+            kept = _one_line(error)
+        _reply(connection, "ended", job, error=kept)
+        return None
+    return writer
 
 
 @dataclass(frozen=True)

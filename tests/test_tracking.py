@@ -143,8 +143,12 @@ import os, signal
 from tests.test_tracking import evaluation, job_settings
 from src import tracker
 from pathlib import Path
+import time
 job = tracker.JobRun(job_settings(Path({str(tiny_data)!r})), "killed", {{}})
 job.on_evaluation(evaluation(1))
+time.sleep(tracker.FLUSH_SECONDS + 0.1)
+job.on_evaluation(evaluation(2))  # both are sent now: the first is FLUSH_SECONDS old
+job.on_evaluation(evaluation(3))  # waits in this process, and dies with it
 print(job.run_id, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -161,7 +165,17 @@ os.kill(os.getpid(), signal.SIGKILL)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert "training process ended" in run.data.tags["error"]
-    assert len(client.get_metric_history(run_id, "val/loss")) == 1
+    assert len(client.get_metric_history(run_id, "val/loss")) == 2
+
+
+def test_ctrl_c_never_cuts_a_message_in_two() -> None:
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with tracker.whole_messages():
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C came mid-message
+            done.append("the rest of the message")
+    assert done == ["the rest of the message"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_curves_are_drawn_against_the_epoch() -> None:

@@ -323,7 +323,8 @@ def test_ctrl_c_ends_the_runs_killed(tiny_data: Path, tracking_uri: str, tmp_pat
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
     runs = all_runs(client)
     assert len(runs) == 2  # the parent and the first job; the second never started
-    assert {r.info.status for r in runs} == {"KILLED"}
+    statuses = {r.info.run_name: (r.info.status, r.data.tags.get("error")) for r in runs}
+    assert {status for status, _ in statuses.values()} == {"KILLED"}, statuses
 
 
 def test_the_dvc_train_stage_writes_what_dvc_yaml_declares(
