@@ -11,6 +11,7 @@ comparison from the children and closes the parent.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -108,7 +109,7 @@ def cached_data_hash(data_dir: Path) -> str:
     return _DATA_HASHES[key]
 
 
-def log_model(weights_file: Path) -> None:
+def log_model(weights_file: Path, step: int = 0) -> None:
     """Log the served model (src/serving.py, models from code) to the active run as
     ``model``: a pyfunc with signature and input example, the weights as an ``.npz``."""
     import mlflow
@@ -133,6 +134,9 @@ def log_model(weights_file: Path) -> None:
         input_example=example,
         # explicit: inferring requirements would import and time the model in a subprocess
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+        # the evaluation whose weights the model holds: MLflow links that step's metrics
+        # to the model (shown on its page in `mlflow ui`)
+        step=step,
     )
 
 
@@ -291,7 +295,7 @@ class RunWriter:
         if self.error is not None:
             return
         try:
-            log_model(Path(message["weights_file"]))
+            log_model(Path(message["weights_file"]), step=message["final_step"])
         except Exception as error:
             self.fail(error)
 
@@ -338,6 +342,9 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         os.nice(NICENESS)
+    # MLflow, SQLAlchemy and matplotlib leave some 200,000 long-lived objects that every full
+    # garbage collection would walk again; a run's thousands of ORM rows trigger many.
+    gc.freeze()
     serve(Connection(fd))
 
 

@@ -115,6 +115,12 @@ def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
     predicted = np.asarray(model.predict(images[keep].astype(np.float64)))
     assert set(np.unique(predicted)) <= {2, 3}
     assert np.mean(predicted == digits[keep]) > 0.9
+    # the logged model carries the metrics of the evaluation whose weights it holds
+    (logged,) = mlflow.search_logged_models([experiment.experiment_id], output_format="list")
+    assert logged.source_run_id == run.info.run_id and logged.name == "model"
+    linked = {m.key: m.step for m in logged.metrics or []}
+    best = int(run.data.metrics["best/step"])
+    assert linked["val/loss"] == best and linked["final/test_accuracy"] == best
 
 
 def test_multirun_nests_three_jobs_under_one_parent(
