@@ -103,7 +103,9 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 
     The zip entries get a fixed timestamp, which `np.savez` does not allow: the same arrays
     then give the same bytes, so the file's hash (DVC's, and the data hash tagged on every
-    MLflow run) changes only when the data does.
+    MLflow run) changes only when the data does. No zip64 headers (the members are far
+    below 4 GiB): how zipfile rewrites a forced zip64 header changed within Python 3.11,
+    and the bytes must not depend on the interpreter's patch release.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -112,7 +114,7 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     ):
         for key, array in arrays.items():
             entry = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_DATE_TIME)
-            with archive.open(entry, mode="w", force_zip64=True) as member:
+            with archive.open(entry, mode="w") as member:
                 np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
