@@ -211,8 +211,8 @@ class RunWriter:
 
     Metrics arrive in messages of up to ``MAX_METRICS_PER_BATCH`` (the training process
     gathers them) and are written at once, one ``log_batch`` call each. The first error the
-    store gives is kept, reported once to the training process (which stops
-    the training), and ends the run FAILED.
+    store gives is kept, reported once to the training process (which stops the training),
+    and ends the run FAILED.
     """
 
     def __init__(self, connection: Connection, message: dict[str, Any]) -> None:
@@ -310,7 +310,7 @@ class RunWriter:
 
     def end(self, status: str, error: str | None = None) -> str | None:
         """End the run (FAILED with the kept error when asked to end FINISHED after one);
-        returns the kept error, if any. A run that has already ended is left alone."""
+        returns the kept error, if any."""
         import mlflow
 
         if status == FINISHED and self.error is not None:
