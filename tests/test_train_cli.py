@@ -297,7 +297,10 @@ def test_help_and_cfg_job(tracking_uri: str, tmp_path: Path) -> None:
     assert "model: logistic, softmax" in helped.stdout
 
 
-def test_ctrl_c_ends_the_runs_killed(tiny_data: Path, tracking_uri: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or `kill`
+def test_ctrl_c_ends_the_runs_killed(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path, stop: signal.Signals
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     args = ["-m", "lambda=0,0.1", f"data.dir={tiny_data}", "epochs=100000", "batch_size=20"]
@@ -320,7 +323,7 @@ def test_ctrl_c_ends_the_runs_killed(tiny_data: Path, tracking_uri: str, tmp_pat
             assert process.poll() is None, process.communicate()[1]
             time.sleep(0.5)
         time.sleep(1.0)  # well inside the training loop
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
