@@ -364,9 +364,7 @@ class JobRun(Callback):
         self._send_metrics()
         self.folder = tempfile.TemporaryDirectory(prefix="mnist-run-")
         folder = Path(self.folder.name)
-        weights_file = write_weights(result, labels, folder)
-        final = dict(result.final)
-        final.setdefault("best/step", result.best_step)
+        write_weights(result, labels, folder)
         tags = {}
         if result.history:  # lets the sweep parent plot the children's curves by epoch
             first = result.history[0]
@@ -376,8 +374,7 @@ class JobRun(Callback):
         self._send(
             "finish",
             folder=str(folder),
-            weights_file=str(weights_file),
-            final=final,
+            final=result.final,
             final_step=result.best_step,
             tags=tags,
         )

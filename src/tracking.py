@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 from src import plots
 from src.config import PROJECT_ROOT
 from src.data import data_hash
-from src.tracker import FAILED, FIGURE_DPI, FINISHED, KILLED
+from src.tracker import FAILED, FINISHED, KILLED, WEIGHTS_FILE, save
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class RunWriter:
         if self.error is not None:
             return
         try:
-            log_model(Path(message["weights_file"]), step=message["final_step"])
+            log_model(self.folder / WEIGHTS_FILE, step=message["final_step"])
         except Exception as error:
             self.fail(error)
 
@@ -497,9 +497,7 @@ def finish_parent(tracking_uri: str, parent: ParentRef, interrupted: bool = Fals
                 if all(j.weights is not None for j in jobs):
                     figures["weights_by_lambda.png"] = plots.weights_side_by_side
                 for name, draw in figures.items():
-                    fig = draw(jobs)
-                    fig.set_dpi(FIGURE_DPI)
-                    plots.save_figure(fig, out / "plots" / name)
+                    save(draw(jobs), out / "plots" / name)
             client.log_artifacts(parent.run_id, str(out))
     finally:
         if interrupted:

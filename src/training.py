@@ -255,10 +255,14 @@ def evaluate(model: Any, splits: Splits, helper: Executor | None = None) -> dict
         theirs = helper.submit(work, queue)
         figures = work(queue)
         figures.update(theirs.result())
-    return {f"{name}/{figure}": sum(figures[piece][index] * (piece[2] - piece[1])
-                                    for piece in pieces if piece[0] == name)
-                                / len(getattr(splits, name))
-            for name in names for index, figure in enumerate(("loss", "accuracy"))}
+    metrics = {}
+    for name in names:
+        own = [piece for piece in pieces if piece[0] == name]
+        rows = len(getattr(splits, name))
+        for index, figure in enumerate(("loss", "accuracy")):
+            weighted = sum(figures[piece][index] * (piece[2] - piece[1]) for piece in own)
+            metrics[f"{name}/{figure}"] = weighted / rows
+    return metrics
 
 
 def _copy(parameter: Any) -> Any:
