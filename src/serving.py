@@ -19,6 +19,24 @@ from src.models import LogisticRegression, SoftmaxRegression
 N_PIXELS = 784
 
 
+def signature() -> Any:
+    """The logged model's signature: rows of 784 pixel values in, digits out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, N_PIXELS))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
+    )
+
+
+def input_example() -> np.ndarray:
+    """Two rows of pixel values, as a user sends them: a blank image and a half-white one."""
+    example = np.zeros((2, N_PIXELS), dtype=np.float64)
+    example[1, : N_PIXELS // 2] = 255.0
+    return example
+
+
 def load_weights(path: str) -> tuple[LogisticRegression | SoftmaxRegression, np.ndarray]:
     """Rebuild a trained model from its ``.npz`` file.
 

@@ -113,25 +113,16 @@ def log_model(weights_file: Path, step: int = 0) -> None:
     """Log the served model (src/serving.py, models from code) to the active run as
     ``model``: a pyfunc with signature and input example, the weights as an ``.npz``."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    with np.load(weights_file, allow_pickle=False) as saved:
-        n_features = saved["weights"].shape[0]
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, n_features))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
-    )
-    # two rows of pixel values, as a user sends them
-    example = np.zeros((2, n_features), dtype=np.float64)
-    example[1, : n_features // 2] = 255.0
+    from src import serving
+
     mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PROJECT_ROOT / "src" / "serving.py"),
         artifacts={"weights": str(weights_file)},
         code_paths=[str(PROJECT_ROOT / "src")],
-        signature=signature,
-        input_example=example,
+        signature=serving.signature(),
+        input_example=serving.input_example(),
         # explicit: inferring requirements would import and time the model in a subprocess
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
         # the evaluation whose weights the model holds: MLflow links that step's metrics
