@@ -5,7 +5,8 @@ The validation set is held out from the training images by a seeded permutation
 Both the training and the validation images keep their original order, so the seed
 decides only which images are held out. The output is an uncompressed .npz (no pickle), written
 to a temporary name and renamed into place; on any error the previous output is left
-as it was.
+as it was. Temporary files that a killed run left behind are removed before writing, as
+the download stage does, so that DVC never caches them as part of the output.
 
 Run as `python -m pipeline.preprocess` from the project root.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_write
+from pipeline.atomic import atomic_write, remove_stale_temporaries
 from pipeline.idx import IdxError, read_dataset
 from pipeline.params import ParamsError, error_line, load_section
 
@@ -126,8 +127,14 @@ def _int_param(params: Mapping[str, Any], key: str) -> int:
 
 
 def preprocess(raw_dir: Path, out_dir: Path, val_size: int, seed: int) -> Path:
-    """Make `out_dir`/mnist.npz from the IDX files in `raw_dir`; return its path."""
+    """Make `out_dir`/mnist.npz from the IDX files in `raw_dir`; return its path.
+
+    The temporary files of an earlier run that was killed while writing (``.*.part``) are
+    deleted first: `out_dir` then holds only the output.
+    """
     arrays = make_splits(raw_dir, val_size, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     out_path = out_dir / PROCESSED_FILE
     save_npz(out_path, arrays)
     return out_path

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.atomic import TEMP_SUFFIX
 from pipeline.idx import write_idx
 from pipeline.preprocess import (
     PreprocessError,
@@ -18,6 +24,7 @@ from pipeline.preprocess import (
     split_indices,
 )
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, VAL_SIZE = 60, 12, 15
 KEYS = ["train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"]
 
@@ -217,3 +224,66 @@ def test_bad_params_give_one_line(
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert message in err
     assert not (tmp_path / "processed").exists()
+
+
+def test_a_stale_temporary_is_removed_by_the_next_run(raw_dir: Path, tmp_path: Path) -> None:
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    stale = processed / f".mnist.npz.0123456789ab{TEMP_SUFFIX}"
+    stale.write_bytes(b"half an archive")
+    preprocess(raw_dir, processed, VAL_SIZE, seed=0)
+    assert [p.name for p in processed.iterdir()] == ["mnist.npz"]
+
+
+# `python -m pipeline.preprocess` that stops for good after writing the first array: the
+# temporary file is then half written when the test kills it.
+HANG_WHILE_WRITING = """
+import sys, time
+import numpy as np
+from pipeline import preprocess
+
+write_array = np.lib.format.write_array
+
+def write_then_hang(*args, **kwargs):
+    write_array(*args, **kwargs)
+    time.sleep(600)
+
+np.lib.format.write_array = write_then_hang
+sys.exit(preprocess.main(sys.argv[1:]))
+"""
+
+
+def test_the_run_after_a_kill_9_leaves_only_the_output(
+    raw_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_params(tmp_path)
+    processed = tmp_path / "processed"
+    path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    child = subprocess.Popen(
+        [sys.executable, "-c", HANG_WHILE_WRITING, "--raw", "raw", "--out", "processed"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in processed.glob(f".*{TEMP_SUFFIX}") if p.stat().st_size > 0]:
+            assert child.poll() is None, f"preprocess ended early: {child.stderr.read()!r}"
+            assert time.monotonic() < deadline, "preprocess never started writing"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+        child.stderr.close()
+    leftovers = [p.name for p in processed.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].endswith(TEMP_SUFFIX)  # what kill -9 leaves
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--raw", "raw", "--out", "processed"]) == 0
+    assert [p.name for p in processed.iterdir()] == ["mnist.npz"]
+    assert sorted(load(processed / "mnist.npz")) == sorted(KEYS)
