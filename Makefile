@@ -3,8 +3,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# `make server`: the team's MLflow tracking server on PostgreSQL (src/tracking_server.py), on
+# SERVER_HOST:SERVER_PORT, its database, artifacts and logs in SERVER_DIR/<port>/.
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
+SERVER_DIR ?= .server
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +40,10 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache
+
+# The server runs on until `make server-stop` (same SERVER_PORT and SERVER_DIR) stops it.
+server: $(VENV)/.installed
+	$(BIN)/python -m src.tracking_server start --host "$(SERVER_HOST)" --port "$(SERVER_PORT)" --folder "$(SERVER_DIR)"
+
+server-stop: | $(BIN)/python
+	$(BIN)/python -m src.tracking_server stop --port "$(SERVER_PORT)" --folder "$(SERVER_DIR)"

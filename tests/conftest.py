@@ -120,3 +120,66 @@ def all_artifacts(client: Any, run_id: str, path: str | None = None) -> set[str]
         else:
             found.add(item.path)
     return found
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TrackingServer:
+    """A real team tracking server (src.tracking_server: ``mlflow server`` on PostgreSQL) in
+    ``folder`` (its own folder is ``folder/<port>``), on 127.0.0.1:``port``.
+
+    ``uri`` is its tracking URI; ``stop()`` stops both daemons (a server that dies mid-run);
+    ``start()`` starts them again on the same folder and port, runs and artifacts kept (it does
+    nothing if the server is up); ``info`` is the ServerInfo of the last start (pids, logs,
+    ``artifacts``, ``backend_store_uri``)."""
+
+    def __init__(self, folder: Path, port: int, host: str = "127.0.0.1") -> None:
+        self.folder, self.port, self.host = folder, port, host
+        self.info: Any = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Any:
+        from src import tracking_server
+
+        self.info = tracking_server.start(self.folder, self.host, self.port)
+        return self.info
+
+    def stop(self) -> bool:
+        from src import tracking_server
+
+        return tracking_server.stop(self.folder, self.port)
+
+    def is_running(self) -> bool:
+        from src import tracking_server
+
+        return tracking_server.is_running(self.folder, self.port)
+
+
+@pytest.fixture(scope="session")
+def tracking_server() -> Any:
+    """One real tracking server for the whole session (a TrackingServer), in a temporary
+    folder on a free port; stopped, and its folder removed, at the session's end. A test that
+    stops it should start it again (``tracking_server.start()``) before it ends."""
+    import tempfile
+
+    # Under /tmp, not pytest's tmp_path: PostgreSQL's user must reach its folder (pytest's
+    # are root's alone), and its socket's path must be short.
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-server-", dir="/tmp"))
+    folder.chmod(0o755)
+    server = TrackingServer(folder, free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
