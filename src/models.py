@@ -20,12 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# Rows per matrix product in SoftmaxRegression.gradient_step. OpenBLAS (numpy's wheels)
-# multiplies small matrices, up to about 10^6 multiply-adds, by a faster path; a batch of
-# 128 rows x 784 pixels x 10 classes is just above that, and two products of 64 rows take
-# about a third less time than one of 128 (benchmarks/train_speed.py measures the epoch).
-BLOCK_ROWS = 64
-
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise ``log softmax(z)``, stable for any logit size.
@@ -161,11 +155,8 @@ class LogisticRegression:
         return d_weights, float(error.sum())
 
     def gradient_step(self, X: np.ndarray, y: np.ndarray, lr: float, l2: float = 0.0) -> None:
-        """One step of gradient descent on :meth:`loss`, in place: ``w -= lr * dJ/dw``, same for b.
-
-        The update of :meth:`gradients` (which stays the reference the tests check it
-        against), arranged for the training loop: ``lr / n`` scales the short error vector
-        instead of the gradient, and ``w - lr * 2 l2 w`` is ``w * (1 - 2 lr l2)``.
+        """One step of gradient descent on :meth:`loss`, in place: the weights and the bias
+        each move by ``-lr`` times their part of :meth:`gradients`.
 
         Parameters
         ----------
@@ -174,13 +165,10 @@ class LogisticRegression:
         lr : float, the learning rate
         l2 : float, the regularisation strength lambda >= 0
         """
-        error = self.predict_proba(X)  # y^n, then lr/n (y^n - t^n)
-        error -= y
-        error *= lr / len(y)
-        if l2:
-            self.weights *= 1 - 2 * lr * l2
-        self.weights -= error @ X
-        self.bias -= float(error.sum())
+        d_weights, d_bias = self.gradients(X, y, l2)
+        d_weights *= lr
+        self.weights -= d_weights
+        self.bias -= lr * d_bias
 
     def loss_and_accuracy(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """Mean cross-entropy (no L2 term) and accuracy in [0, 1], from one pass over X."""
@@ -264,12 +252,8 @@ class SoftmaxRegression:
         return d_weights, error.sum(axis=0)
 
     def gradient_step(self, X: np.ndarray, y: np.ndarray, lr: float, l2: float = 0.0) -> None:
-        """One step of gradient descent on :meth:`loss`, in place: ``W -= lr * dJ/dW``, same for b.
-
-        The update of :meth:`gradients` (which stays the reference the tests check it
-        against), arranged for the training loop: ``lr / n`` scales the small (n, K) error
-        matrix instead of the gradient, ``W - lr * 2 l2 W`` is ``W * (1 - 2 lr l2)``, and
-        the products go by blocks of ``BLOCK_ROWS`` rows.
+        """One step of gradient descent on :meth:`loss`, in place: the weights and the bias
+        each move by ``-lr`` times their part of :meth:`gradients`.
 
         Parameters
         ----------
@@ -278,18 +262,10 @@ class SoftmaxRegression:
         lr : float, the learning rate
         l2 : float, the regularisation strength lambda >= 0
         """
-        n = len(y)
-        blocks = [slice(start, start + BLOCK_ROWS) for start in range(0, n, BLOCK_ROWS)]
-        z = np.concatenate([X[rows] @ self.weights for rows in blocks])  # X W + b
-        z += self.bias
-        error = softmax(z)  # y^n, then lr/n (y^n - t^n)
-        error[np.arange(n), y] -= 1
-        error *= lr / n
-        if l2:
-            self.weights *= 1 - 2 * lr * l2
-        for rows in blocks:  # X^T error, block by block
-            self.weights -= X[rows].T @ error[rows]
-        self.bias -= error.sum(axis=0)
+        d_weights, d_bias = self.gradients(X, y, l2)
+        d_weights *= lr
+        self.weights -= d_weights
+        self.bias -= lr * d_bias
 
     def loss_and_accuracy(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """Mean cross-entropy (no L2 term) and accuracy in [0, 1], from one pass over X."""

@@ -1,20 +1,18 @@
 """Every figure of the project: learning curves, weight heatmaps, confusion matrices, sweeps.
 
 Pure functions of numpy arrays and plain data. Nothing here knows about MLflow or Hydra;
-``src/tracking.py`` calls these functions and logs what they return. Figures are plain
+``src/artifacts.py`` calls these functions and writes what they return. Figures are plain
 ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot state), so nothing leaks
-from one run to the next, and they are small (about 100 dpi) because they are drawn at the
+from one run to the next, and they are small (80 dpi) because they are drawn at the
 end of every run and must stay cheap.
 """
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -25,7 +23,7 @@ from matplotlib.image import AxesImage
 Curves = dict[str, tuple[np.ndarray, np.ndarray]]
 """Metric name (``"train/loss"``, ``"val/accuracy"``, ...) -> (epochs, values), both (n,)."""
 
-DPI = 100
+DPI = 80  # small PNGs, fast to render: every run draws its figures at its end
 IMAGE_SIDE = 28
 N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 SPLITS = ("train", "val", "test")
@@ -687,24 +685,13 @@ def weights_side_by_side(jobs: Sequence[SweepJob]) -> Figure:
 # --------------------------------------------------------------------------- output
 
 
-def save_figure(fig: Figure, path: Path) -> None:
-    """Write ``fig`` as a PNG at ``path`` atomically; the figure is done with afterwards.
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` as PNG bytes at its own resolution; the figure is done with afterwards.
 
-    The PNG is written to a temporary file beside ``path`` and renamed into place, so an
-    existing file is replaced only once the new one is complete, and a failure leaves no
-    temporary file behind. Parent folders are created. Our figures are never registered with
-    pyplot, so there is no global figure list to close them in: the figure is freed when the
-    caller drops it (clearing its artists here would cost more time than it frees).
+    Our figures are never registered with pyplot, so there is no global figure list to close
+    them in: the figure is freed when the caller drops it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as stream:
-            # The lowest zlib level: these PNGs are small, and encoding is a large share of
-            # the time.
-            fig.savefig(stream, format="png", dpi="figure", pil_kwargs={"compress_level": 1})
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    # The lowest zlib level: these PNGs are small, and encoding is a large share of the time.
+    fig.savefig(buffer, format="png", dpi="figure", pil_kwargs={"compress_level": 1})
+    return buffer.getvalue()

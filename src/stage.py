@@ -17,29 +17,29 @@ import csv
 import io
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from hydra import compose, initialize_config_dir
 
+from src import job
+from src.artifacts import write_atomic
 from src.config import PROJECT_ROOT, ConfigError, config_yaml, run_name, validate
 from src.data import DataError
-from src.train import Progress, job_tags, load_splits, one_line, train_tracked
+from src.errors import TrackingError, one_line
 from src.training import DivergenceError, TrainResult
 
 # The default experiments: each one's overrides of conf/config.yaml.
 EXPERIMENTS = {"logistic-2v3": ["model=logistic"], "softmax": ["model=softmax"]}
+# Significant digits of the report files: BLAS on another CPU changes the last digits of a
+# float32 loss, and a fresh clone's `dvc repro` must write the same dvc.lock on any machine.
+DIGITS = 4
 CURVE_COLUMNS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy",
                  "test/loss", "test/accuracy"]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def curves_csv(result: TrainResult) -> str:
@@ -49,14 +49,15 @@ def curves_csv(result: TrainResult) -> str:
     writer.writerow(["step", "epoch", *(name.replace("/", "_") for name in CURVE_COLUMNS)])
     for evaluation in result.history:
         row = [evaluation.metrics[name] for name in CURVE_COLUMNS]
-        writer.writerow([evaluation.step, f"{evaluation.epoch:.4f}", *(f"{v:.6g}" for v in row)])
+        writer.writerow([evaluation.step, f"{evaluation.epoch:.4f}",
+                         *(f"{v:.{DIGITS}g}" for v in row)])
     return out.getvalue()
 
 
 def summary(result: TrainResult) -> dict[str, float | int]:
     """The final metrics of a run, named for ``dvc metrics show`` (``test_accuracy``...)."""
     metrics: dict[str, float | int] = {
-        name.split("/", 1)[1]: round(float(value), 6)
+        name.split("/", 1)[1]: float(f"{value:.{DIGITS}g}")
         for name, value in sorted(result.final.items())
         if name.startswith("final/")
     }
@@ -73,22 +74,24 @@ def run(overrides: Sequence[str], reports: Path) -> dict[str, dict]:
         }
     checked = {task: validate(cfg) for task, cfg in configs.items()}  # all, before any work
     metrics: dict[str, dict] = {}
+    outputs = PROJECT_ROOT / "outputs" / "stage" / time.strftime("%Y-%m-%d_%H-%M-%S")
     for task, settings in checked.items():
         given = [*EXPERIMENTS[task], *overrides]
-        splits = load_splits(settings)
-        tags = {**job_tags(settings, given, None), "source": "dvc repro (src.stage)"}
+        splits = job.load_splits(settings)
+        tags = {**job.job_tags(settings, given, None), "source": "dvc repro (src.stage)"}
         name = run_name(settings, given)
-        progress = Progress(settings.train.epochs, name)
+        progress = job.Progress(settings, task)
         try:
-            result, run_id = train_tracked(
-                settings, splits, name, tags, config_yaml(configs[task]), None, [progress]
+            done = job.run_tracked(
+                settings, splits, name, tags, config_yaml(configs[task]), outputs / task,
+                callbacks=[progress],
             )
         finally:
             progress.close()
-        metrics[task] = summary(result)
-        write_atomic(reports / "plots" / f"{task}.csv", curves_csv(result))
-        print(f"{name}: test accuracy {result.final['final/test_accuracy']:.4f} "
-              f"(MLflow run {run_id})")
+        metrics[task] = summary(done.result)
+        write_atomic(reports / "plots" / f"{task}.csv", curves_csv(done.result))
+        print(f"{name}: test accuracy {done.result.final['final/test_accuracy']:.4f} "
+              f"(MLflow run {done.run_id})")
     write_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -100,11 +103,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="where metrics.json and plots/ go (default: reports/)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a TTY
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run(args.overrides, args.reports)
-    except (ConfigError, DataError, DivergenceError) as error:
+    except (ConfigError, DataError, DivergenceError, TrackingError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted; the active MLflow run ended KILLED", file=sys.stderr)
+        sys.exit(130)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (`dvc` stopped, `kill`) ends the run the same way Ctrl-C does
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

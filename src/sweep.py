@@ -1,36 +1,65 @@
-"""Hydra's side of a multirun: check every job first, then one MLflow parent run per sweep.
+"""The whole sweep: every job checked first, one MLflow parent run, its hand-off, the summary.
 
 :class:`SweepCallback` is configured under ``hydra.callbacks`` (conf/hydra/default.yaml).
-Before any job starts it composes and validates the config of every job of the sweep, so a
-refused value stops the sweep before any MLflow run exists; then it creates the parent run
-and leaves its id in the sweep directory, where the jobs, in this process or another, find
-it. When the sweep ends it draws the comparison and closes the parent. The job wrapper in
-src/train.py catches every job's failure, so Hydra always reaches ``on_multirun_end``; the
-entry point still closes a parent left open by an interrupt or a bug (:func:`close_active`).
+Before any job starts it composes and validates the config of every job (a refused value
+stops the sweep before any MLflow run exists), reaches the store, refuses a local SQLite
+store for jobs on other machines, and creates the parent run. The parent's id reaches the
+jobs in their own config: the callback adds ``hydra.job.env_set`` overrides, which Hydra puts
+into every job's config and sets as environment variables while the job runs, whatever the
+launcher and wherever the job runs, with no shared filesystem. When the sweep ends it ends
+children a killed process left RUNNING, draws the comparison, gives the parent the best
+child's metrics and params, and closes it. The job wrapper in src/train.py catches every
+job's failure, so Hydra always reaches ``on_multirun_end``; the entry point still closes a
+parent left open by an interrupt or a bug (:func:`close_active`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from src.config import ConfigError, Settings, validate
 from src.data import PROCESSED_FILE, DataError
 
-if TYPE_CHECKING:
-    from src import tracking
-
 log = logging.getLogger(__name__)
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# The environment variables that carry the parent run to the jobs (hydra.job.env_set).
+PARENT_RUN_ENV, PARENT_EXPERIMENT_ENV = "MNIST_SWEEP_PARENT_RUN", "MNIST_SWEEP_EXPERIMENT"
+# Launchers whose jobs may run on other machines, which cannot open a local SQLite file.
+REMOTE_LAUNCHERS = ("SlurmLauncher", "RayLauncher")
+BEST_METRIC = "final/val_loss"  # how the best job of a sweep is chosen (lowest)
+SWEPT_PARAMS = ("lambda", "lr")  # compared on the parent even when not swept
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """Where a sweep's parent run is: what a job needs to nest its run under it."""
+
+    run_id: str
+    experiment_id: str
+
+
+@dataclass
+class SweepSummary:
+    """How a sweep went, from its children in the store."""
+
+    n_jobs: int
+    n_failed: int
+    first_error: str | None
+    rows: list[dict[str, str]] = field(default_factory=list)
+    best: str | None = None  # the best child's run name
 
 
 @dataclass
@@ -38,8 +67,11 @@ class ActiveSweep:
     """The sweep this process runs (set in the process that runs Hydra's main)."""
 
     tracking_uri: str
-    parent: tracking.ParentRef
-    summary: tracking.SweepSummary | None = None
+    parent: ParentRef
+    n_expected: int
+    swept: dict[str, str]
+    summary: SweepSummary | None = None
+    error: str | None = None  # why the parent could not be finished
 
 
 ACTIVE: ActiveSweep | None = None
@@ -57,6 +89,14 @@ class SweepRefused(BaseException):
         self.error = error
 
 
+def job_parent() -> ParentRef | None:
+    """The parent run of the job running now, from its environment (no MLflow needed)."""
+    run_id = os.environ.get(PARENT_RUN_ENV)
+    if not run_id:
+        return None
+    return ParentRef(run_id=run_id, experiment_id=os.environ[PARENT_EXPERIMENT_ENV])
+
+
 def sweep_arguments(config: DictConfig) -> list[str]:
     """The sweep's overrides as Hydra's BasicSweeper sees them: ``hydra.sweeper.params``
     (set by an experiment file) first, then the command line's."""
@@ -64,6 +104,13 @@ def sweep_arguments(config: DictConfig) -> list[str]:
     arguments = [f"{key}={value}" for key, value in params.items()]
     arguments += list(OmegaConf.select(config, "hydra.overrides.task") or [])
     return arguments
+
+
+def swept_values(config: DictConfig) -> dict[str, str]:
+    """What the sweep varies, key -> the values as given (``{"lambda": "0,0.01,0.1"}``)."""
+    parsed = OverridesParser.create().parse_overrides(sweep_arguments(config))
+    return {o.get_key_element(): o.input_line.partition("=")[2]
+            for o in parsed if o.is_sweep_override() and o.input_line}
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
@@ -112,13 +159,34 @@ def check_jobs(config: DictConfig, config_name: str | None) -> list[Settings]:
     return checked
 
 
-def sweep_name(jobs: list[Settings], arguments: list[str]) -> tuple[str, str]:
+def remote_launcher(config: DictConfig) -> str | None:
+    """The launcher's name if its jobs may run on other machines, else None."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    name = target.rsplit(".", 1)[-1]
+    if name not in REMOTE_LAUNCHERS:
+        return None
+    if name == "RayLauncher":  # a cluster started here, for this sweep, is this machine
+        address = OmegaConf.select(config, "hydra.launcher.ray.init.address")
+        if address in (None, "local") or str(address).startswith(("127.0.0.1", "localhost")):
+            return None
+    return name
+
+
+def sweep_name(jobs: list[Settings], swept: dict[str, str]) -> tuple[str, str]:
     """The parent's experiment (the jobs' one, or their names joined by '+') and run name."""
     names = sorted({s.experiment_name for s in jobs})
     experiment = names[0] if len(names) == 1 else "+".join(names)
     tasks = sorted({s.task for s in jobs})
-    swept = [a for a in arguments if "," in a or "(" in a] or arguments
-    return experiment, " ".join(["+".join(tasks), "sweep", *swept]).strip()
+    varied = [f"{key}={value}" for key, value in swept.items()]
+    return experiment, " ".join(["+".join(tasks), "sweep", *varied]).strip()
+
+
+def expected_jobs(config: DictConfig, jobs: Sequence[Settings]) -> int:
+    """How many jobs the sweep will launch: the grid's size, or the search's trials."""
+    if OmegaConf.select(config, "hydra.sweeper._target_") == BASIC_SWEEPER:
+        return len(jobs)
+    trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+    return int(trials) if trials is not None else len(jobs)
 
 
 class SweepCallback(Callback):
@@ -127,32 +195,234 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global ACTIVE
         try:
-            jobs = check_jobs(config, kwargs.get("config_name"))
-            if len({s.tracking_uri for s in jobs}) != 1:
-                raise ConfigError("mlflow.tracking_uri must be the same for every job of a sweep")
-        except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
+            ACTIVE = start_sweep(config, kwargs.get("config_name"))
+        except Exception as error:  # Hydra would only warn and launch the jobs anyway
             raise SweepRefused(error) from error
-        from src import tracking  # MLflow loads in a second: not for a refused sweep
-
-        uri = jobs[0].tracking_uri
-        arguments = sweep_arguments(config)
-        experiment, name = sweep_name(jobs, arguments)
-        tags = {
-            "git_commit": tracking.git_commit(),
-            "overrides": " ".join(arguments) or "(none)",
-            "n_jobs": str(len(jobs)),
-        }
-        parent = tracking.start_parent(uri, experiment, name, tags)
-        tracking.write_parent(Path(config.hydra.sweep.dir), parent)
-        ACTIVE = ActiveSweep(tracking_uri=uri, parent=parent)
-        log.info("MLflow parent run %s (%s) in experiment %s", parent.run_id, name, experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from src import tracking
-
         if ACTIVE is None:
             return
-        ACTIVE.summary = tracking.finish_parent(ACTIVE.tracking_uri, ACTIVE.parent)
+        try:
+            ACTIVE.summary = finish_parent(ACTIVE)
+        except Exception as error:  # Hydra would only warn: the entry point reports it
+            from src.errors import one_line
+
+            ACTIVE.error = one_line(error)
+            raise
+
+
+def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
+    """Check every job, reach the store, create the parent run and hand it to the jobs.
+
+    Raises
+    ------
+    ConfigError, DataError, HydraException, OmegaConfBaseException
+        A job that would be refused, missing data.
+    TrackingError
+        The store cannot be reached: no parent is created.
+    """
+    jobs = check_jobs(config, config_name)
+    if len({s.tracking_uri for s in jobs}) != 1:
+        raise ConfigError("mlflow.tracking_uri must be the same for every job of a sweep")
+    uri = jobs[0].tracking_uri
+    remote = remote_launcher(config)
+    if remote is not None and uri.startswith("sqlite:"):
+        raise ConfigError(
+            f"the {remote} runs jobs on other machines, which cannot reach the local "
+            f"SQLite store {uri}: a cluster needs a tracking server (`make server`, "
+            "then MLFLOW_TRACKING_URI=http://HOST:PORT)"
+        )
+    from src import tracking  # MLflow loads in a second: not for a refused sweep
+
+    client = tracking.open_store(uri)
+    swept = swept_values(config)
+    experiment, name = sweep_name(jobs, swept)
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "overrides": " ".join(sweep_arguments(config)) or "(none)",
+        "sweep": "parent",
+    }
+    run_id, exp_id = tracking.start_parent(client, experiment, name, tags)
+    parent = ParentRef(run_id=run_id, experiment_id=exp_id)
+    try:
+        hand_off(config, parent)
+    except Exception as error:
+        tracking.end_run(client, run_id, tracking.FAILED, str(error))
+        raise
+    log.info("MLflow parent run %s (%s) in experiment %s", run_id, name, experiment)
+    return ActiveSweep(
+        tracking_uri=uri, parent=parent, n_expected=expected_jobs(config, jobs), swept=swept
+    )
+
+
+def hand_off(config: DictConfig, parent: ParentRef) -> None:
+    """Put the parent's id into every job's config: Hydra composes each job's config from
+    ``hydra.overrides.hydra`` and sets ``hydra.job.env_set`` while the job runs."""
+    with read_write(config), open_dict(config):
+        config.hydra.overrides.hydra.extend([
+            f"+hydra.job.env_set.{PARENT_RUN_ENV}={parent.run_id}",
+            f"+hydra.job.env_set.{PARENT_EXPERIMENT_ENV}={parent.experiment_id}",
+        ])
+
+
+def _float(value: str | None) -> float | str:
+    try:
+        return float(value) if value is not None else math.nan
+    except ValueError:
+        return value  # type: ignore[return-value]
+
+
+def sweep_job(client: Any, run: Any, folder: Path) -> Any:
+    """A finished child as :class:`src.plots.SweepJob`; None if it has no curves."""
+    import numpy as np
+
+    from src import plots, tracking
+
+    run_id = run.info.run_id
+    steps_per_epoch = float(run.data.tags.get("steps_per_epoch", "1"))
+    curves: plots.Curves = {}
+    for name in ("train/accuracy", "val/accuracy", "test/accuracy", "val/loss", "weights/norm"):
+        steps, values = tracking.metric_history(client, run_id, name)
+        if len(steps):
+            curves[name] = (steps / steps_per_epoch, values)
+    if "val/accuracy" not in curves:
+        return None
+    weights = None
+    local = tracking.download(client, run_id, "weights/weights.npz", folder)
+    if local is not None:
+        with np.load(local, allow_pickle=False) as saved:
+            weights = saved["weights"]
+    else:
+        log.warning("run %s has no weights artifact", run_id)
+    final = {k: v for k, v in run.data.metrics.items() if k.startswith(("final/", "best/"))}
+    if weights is not None:
+        final["weights/norm"] = float(np.linalg.norm(weights))  # of the weights the run kept
+    elif "weights/norm" in curves:
+        final["weights/norm"] = float(curves["weights/norm"][1][-1])
+    else:
+        final["weights/norm"] = math.nan
+    p = run.data.params
+    params = {
+        "lambda": _float(p.get("lambda")),
+        "lr": _float(p.get("lr")),
+        "seed": int(_float(p.get("seed", "0"))),
+        "model": p.get("model.name", "?"),
+    }
+    return plots.SweepJob(
+        name=run.info.run_name, params=params, curves=curves, final=final, weights=weights
+    )
+
+
+def best_child(children: Sequence[Any], metric: str = BEST_METRIC) -> Any | None:
+    """The finished child with the lowest ``metric``; None if no child has it."""
+    from src import tracking
+
+    scored = [r for r in children
+              if r.info.status == tracking.FINISHED and metric in r.data.metrics]
+    return min(scored, key=lambda r: r.data.metrics[metric], default=None)
+
+
+def summary_rows(children: Sequence[Any], swept: Sequence[str]) -> list[dict[str, str]]:
+    """One row per job: name, the swept values, val and test accuracy, status, error."""
+    from src import tracking
+
+    rows = []
+    for number, run in enumerate(children):
+        m, p = run.data.metrics, run.data.params
+        row = {"job": str(number), "run_name": run.info.run_name, "run_id": run.info.run_id}
+        row.update({key: p.get(key, "") for key in swept})
+        for key in ("final/val_accuracy", "final/test_accuracy", "final/val_loss"):
+            row[key] = f"{m[key]:.4f}" if key in m else ""
+        row["status"] = run.info.status
+        row[tracking.ERROR_TAG] = run.data.tags.get(tracking.ERROR_TAG, "")
+        rows.append(row)
+    return rows
+
+
+def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary:
+    """End the sweep's children left RUNNING, draw the comparison, give the parent the
+    best child's metrics and params, and end it: FINISHED when every job finished, FAILED
+    (the count as its ``error`` tag) when some failed or never ran, KILLED when
+    ``interrupted``."""
+    from src import artifacts, tracking
+
+    client = tracking.open_store(sweep.tracking_uri)
+    parent = sweep.parent
+    runs = tracking.children(client, parent.run_id, parent.experiment_id)
+    killed = tracking.mark_killed(
+        client, runs, "the job's process ended without ending its run (killed with SIGKILL?)"
+    )
+    if killed:
+        runs = tracking.children(client, parent.run_id, parent.experiment_id)
+    failed = [r for r in runs if r.info.status != tracking.FINISHED]
+    n_jobs = max(sweep.n_expected, len(runs))
+    n_failed = n_jobs - (len(runs) - len(failed))
+    first_error = next(
+        (r.data.tags[tracking.ERROR_TAG] for r in failed if tracking.ERROR_TAG in r.data.tags),
+        None,
+    )
+    if first_error is None and n_failed:
+        first_error = f"{n_jobs - len(runs)} jobs recorded no run (see their logs)"
+    swept = list(dict.fromkeys([*sweep.swept, *SWEPT_PARAMS]))
+    rows = summary_rows(runs, swept)
+    best = best_child(runs)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mnist-sweep-") as tmp:
+            folder = Path(tmp)
+            out = folder / "artifacts"
+            jobs = [job for r in runs if r.info.status == tracking.FINISHED
+                    if (job := sweep_job(client, r, folder / "download")) is not None]
+            artifacts.write_sweep_figures(out, jobs)
+            columns = list(rows[0]) if rows else ["job", "run_name", "status"]
+            artifacts.write_table(out / "tables" / "sweep_summary.csv", columns,
+                                  [list(row.values()) for row in rows])
+            metrics, params, tags = {}, dict(sweep.swept), {}
+            if best is not None:
+                for key in ("val_accuracy", "test_accuracy", "val_loss", "train_accuracy"):
+                    if f"final/{key}" in best.data.metrics:
+                        metrics[f"best/{key}"] = best.data.metrics[f"final/{key}"]
+                for key in swept:
+                    value = _float(best.data.params.get(key))
+                    if isinstance(value, float) and math.isfinite(value):
+                        metrics[f"best/{key}"] = value
+                tags = {"best_run_id": best.info.run_id, "best_run_name": best.info.run_name}
+                client.set_tag(best.info.run_id, "best_of_sweep", parent.run_id)
+            tracking.log_parent_summary(client, parent.run_id, out, params, metrics, tags)
+    finally:
+        if interrupted:
+            tracking.end_run(client, parent.run_id, tracking.KILLED, "interrupted")
+        elif n_failed:
+            tracking.end_run(
+                client, parent.run_id, tracking.FAILED,
+                f"{n_failed} of {n_jobs} jobs failed; first: {first_error}",
+            )
+        else:
+            tracking.end_run(client, parent.run_id, tracking.FINISHED)
+    return SweepSummary(
+        n_jobs=n_jobs, n_failed=n_failed, first_error=first_error, rows=rows,
+        best=best.info.run_name if best is not None else None,
+    )
+
+
+def summary_text(sweep: ActiveSweep) -> str:
+    """The sweep's closing lines: a table of its jobs, the best one, the parent run's
+    address in ``mlflow ui``."""
+    from src import tracking
+
+    summary = sweep.summary
+    assert summary is not None
+    swept = list(dict.fromkeys([*sweep.swept, *SWEPT_PARAMS]))
+    columns = ["job", *swept, "final/val_accuracy", "final/test_accuracy", "status"]
+    headers = ["job", *swept, "val acc", "test acc", "status"]
+    table = [headers] + [[row.get(c, "") for c in columns] for row in summary.rows]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(headers))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+             for line in table]
+    if summary.best is not None:
+        lines.append(f"best job: {summary.best} (lowest validation loss)")
+    lines.append("parent run: " + tracking.ui_address(
+        sweep.tracking_uri, sweep.parent.experiment_id, sweep.parent.run_id))
+    return "\n".join(lines)
 
 
 def close_active(interrupted: bool) -> None:
@@ -162,6 +432,10 @@ def close_active(interrupted: bool) -> None:
         return
     from src import tracking
 
+    client = tracking.open_store(ACTIVE.tracking_uri)
     status = tracking.KILLED if interrupted else tracking.FAILED
     reason = "interrupted" if interrupted else "the sweep stopped on an error"
-    tracking.end_run(ACTIVE.tracking_uri, ACTIVE.parent.run_id, status, error=reason)
+    for run in tracking.children(client, ACTIVE.parent.run_id, ACTIVE.parent.experiment_id):
+        if run.info.status == tracking.RUNNING and interrupted:
+            tracking.end_run(client, run.info.run_id, tracking.KILLED, "interrupted")
+    tracking.end_run(client, ACTIVE.parent.run_id, status, error=reason)

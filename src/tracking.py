@@ -1,52 +1,160 @@
-"""The one place that speaks MLflow: the tracking process, job runs, models, sweep parents.
+"""The one place that speaks MLflow: the store, a job's run, its metric buffer, the served model.
 
-A training job is one MLflow run, written by :func:`serve` in a process of its own (the
-training process drives it through :class:`src.tracker.JobRun`): creating the run, the
-metrics in ``log_batch`` calls, the served model and the artifacts.
-A multirun gets one parent run, created by :func:`start_parent` before any job, whose id
-travels to the jobs through a small file in the sweep directory (:func:`write_parent`,
-:func:`read_parent`), so jobs may run in other processes. :func:`finish_parent` draws the
-comparison from the children and closes the parent.
+Everything here goes through MLflow's documented API (``mlflow.start_run``, ``MlflowClient``)
+from the job's own process. A job's run is opened by :func:`start_job_run`, fed by
+:class:`MetricBuffer` (a training callback that sends the metrics in ``log_batch`` calls of
+1,000, and every few seconds so that ``mlflow ui`` shows a long run live), given its files
+and model by :func:`finish_job_run`, and closed by :func:`end_run`. A sweep's parent run is
+created, found (through the store, by its sweep id) and read back here too; what a sweep
+does with it is src/sweep.py's business.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
-import math
 import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from src import plots
+from src.artifacts import ARTIFACTS_DIR, WEIGHTS_FILE
 from src.config import PROJECT_ROOT
-from src.data import data_hash
-from src.tracker import FAILED, FINISHED, KILLED, WEIGHTS_FILE, save
+from src.data import PROCESSED_FILE, data_hash
+from src.errors import TrackingError, one_line
+from src.training import Callback, Evaluation, StopTraining
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAILED", "FINISHED", "KILLED"]  # the run statuses, shared with src.tracker
-
-PARENT_FILE = "mlflow_parent.json"
-MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
-# The tracking process yields the CPU to the training (the lowest priority): while a job
-# trains it writes in the gaps, and at the end of a run the training process waits for it.
-NICENESS = 19
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 ERROR_TAG = "error"  # why a run FAILED or was KILLED
+MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value
+MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
+FLUSH_SECONDS = 5.0  # metrics wait at most this long, so that `mlflow ui` shows a run live
+SWEEP_TAG = "sweep_id"  # on a parent run: the id its jobs find it by
+# MLflow 3's UI opens an experiment with this tag in its model-training view.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# A tracking server that is down or hung is found out in seconds, not after MLflow's default
+# of 7 retries with a 120 s timeout each (about 20 minutes). A user's own values are kept.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "6",
+}
+
+
+def tag_text(text: str) -> str:
+    """``text`` cut to what MLflow keeps in a tag value."""
+    return text[:MAX_TAG_CHARS]
+
+
+def safe_uri(uri: str) -> str:
+    """The store's address without a password, for messages."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def use_short_http_retries() -> None:
+    """Set MLflow's HTTP retry and timeout variables to small values, unless the user has."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold a file lock beside a SQLite store while it is opened: MLflow migrates a new
+    store's schema without a lock, and processes that open a fresh store together break it."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len(prefix) :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database.with_name(database.name + ".lock"))):
+        yield
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client on the store, reached once (a new SQLite store is created under the lock).
+
+    Raises
+    ------
+    TrackingError
+        The store cannot be reached or opened: one line naming it and what to do.
+    """
+    use_short_http_retries()
+    try:
+        with store_lock(tracking_uri):
+            client = MlflowClient(tracking_uri)
+            client.search_experiments(max_results=1)
+    except Exception as error:
+        advice = (
+            "start the tracking server (`make server`) or check MLFLOW_TRACKING_URI"
+            if tracking_uri.startswith(("http://", "https://"))
+            else "check MLFLOW_TRACKING_URI (or mlflow.tracking_uri) and that the store is writable"
+        )
+        raise TrackingError(
+            f"the MLflow store {safe_uri(tracking_uri)} cannot be reached "
+            f"({_short(error)}); {advice}"
+        ) from None
+    return client
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = one_line(error)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def lost_store(tracking_uri: str, error: BaseException) -> TrackingError:
+    """The error of a store that failed in the middle of a run."""
+    return TrackingError(f"the MLflow store {safe_uri(tracking_uri)} failed: {_short(error)}")
+
+
+def artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file, so that runs
+    and artifacts stay together whatever the working directory (MLflow's default is
+    ``./mlruns`` under the cwd); None (the server's choice) for any other store."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    folder = Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return (folder / safe).as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment called ``name``, created with :data:`EXPERIMENT_TAGS` if
+    needed (safe against a parallel job creating it at the same moment)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name,
+            artifact_location=artifact_location(client.tracking_uri, name),
+            tags=EXPERIMENT_TAGS,
+        )
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def git_commit() -> str:
@@ -65,59 +173,125 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def artifact_location(tracking_uri: str, name: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a SQLite store's file, so that runs
-    and artifacts stay together whatever the working directory (MLflow's default is
-    ``./mlruns`` under the cwd); None (the server's choice) for any other store."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    folder = Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts"
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return (folder / safe).as_uri()
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of the experiment called ``name``, created if needed (safe against a
-    parallel job creating it at the same moment)."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(
-            name, artifact_location=artifact_location(client.tracking_uri, name)
-        )
-    except MlflowException:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
 _DATA_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def cached_data_hash(data_dir: Path) -> str:
     """:func:`src.data.data_hash`, computed once per file version in this process (as DVC
     does, by size and modification time): the jobs of a sweep share their data."""
-    from src.data import PROCESSED_FILE
-
-    stat = (data_dir / PROCESSED_FILE).stat()
-    key = (str((data_dir / PROCESSED_FILE).resolve()), stat.st_size, stat.st_mtime_ns)
+    path = data_dir / PROCESSED_FILE
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DATA_HASHES:
         _DATA_HASHES[key] = data_hash(data_dir)
     return _DATA_HASHES[key]
 
 
-def log_model(weights_file: Path, step: int = 0) -> None:
-    """Log the served model (src/serving.py, models from code) to the active run as
-    ``model``: a pyfunc with signature and input example, the weights as an ``.npz``."""
-    import mlflow
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
+
+def ui_address(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The address of an experiment (or one of its runs) in MLflow's UI, in its
+    model-training view: the tracking server's own address, or `mlflow ui`'s default."""
+    base = safe_uri(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
+    path = f"/#/experiments/{experiment_id}"
+    if run_id is not None:
+        path += f"/runs/{run_id}"
+    return f"{base.rstrip('/')}{path}?workflowType=machine_learning"
+
+
+# --------------------------------------------------------------------------- a job's run
+
+
+def start_job_run(
+    client: MlflowClient,
+    experiment_name: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, str],
+    parent: tuple[str, str] | None = None,
+) -> str:
+    """Open a job's run as MLflow's active run, with its tags and params; returns its id.
+
+    ``parent`` is ``(run_id, experiment_id)`` of a sweep's parent run to nest under.
+    """
+    exp_id = parent[1] if parent is not None else experiment_id(client, experiment_name)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    run = mlflow.start_run(
+        experiment_id=exp_id,
+        run_name=run_name,
+        parent_run_id=parent[0] if parent is not None else None,
+        tags=dict(tags),
+    )
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    except Exception as error:
+        end_run(client, run_id, FAILED, one_line(error))
+        raise lost_store(client.tracking_uri, error) from error
+    return run_id
+
+
+class MetricBuffer(Callback):
+    """The training callback that sends every evaluation's metrics to a run.
+
+    Metrics wait here and leave in ``log_batch`` calls of :data:`MAX_METRICS_PER_BATCH`
+    (one call per metric costs milliseconds on SQLite and would dominate the run), or when
+    the oldest has waited :data:`FLUSH_SECONDS`. Every metric is kept in :attr:`rows` too,
+    for the run's local copy. If the store fails, the error is kept, nothing more is sent,
+    and the training stops at this evaluation (:class:`src.training.StopTraining`), with its
+    results intact for the job to keep on disk.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.rows: list[Metric] = []  # every metric of the run, in order
+        self.sent = 0  # rows[:sent] are in the store
+        self.sent_at = time.monotonic()
+        self.error: TrackingError | None = None
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        now, step = int(time.time() * 1000), evaluation.step
+        self.rows.extend(Metric(k, float(v), now, step) for k, v in evaluation.metrics.items())
+        waiting = len(self.rows) - self.sent
+        if waiting >= MAX_METRICS_PER_BATCH:
+            self.flush(full_only=True)
+        elif time.monotonic() - self.sent_at > FLUSH_SECONDS:
+            self.flush()
+        if self.error is not None:
+            raise StopTraining(str(self.error))
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        """Metrics outside the evaluations (the final ones), sent with the next flush."""
+        now = int(time.time() * 1000)
+        self.rows.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+
+    def flush(self, full_only: bool = False) -> None:
+        """Send what waits (only whole calls of 1,000 if asked); keeps the first store error."""
+        least = MAX_METRICS_PER_BATCH if full_only else 1
+        while self.error is None and len(self.rows) - self.sent >= least:
+            batch = self.rows[self.sent : self.sent + MAX_METRICS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as error:
+                self.error = lost_store(self.client.tracking_uri, error)
+                return
+            self.sent += len(batch)
+        self.sent_at = time.monotonic()
+
+
+def log_model(weights_file: Path, step: int = 0, name: str = "model") -> str:
+    """Log the served model (src/serving.py, models from code) to the active run as an
+    artifact called ``model``, the weights as an ``.npz``; returns the model's id. ``name``
+    names the logged model in the experiment's models tab."""
     from src import serving
 
-    mlflow.pyfunc.log_model(
-        name="model",
+    # MLflow checks the input example against the signature and says so at INFO level:
+    # the job's log keeps that line, the console does not need it.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+    info = mlflow.pyfunc.log_model(
+        name=name,
         python_model=str(PROJECT_ROOT / "src" / "serving.py"),
         artifacts={"weights": str(weights_file)},
         code_paths=[str(PROJECT_ROOT / "src")],
@@ -129,401 +303,155 @@ def log_model(weights_file: Path, step: int = 0) -> None:
         # to the model (shown on its page in `mlflow ui`)
         step=step,
     )
+    return info.model_id
 
 
-@dataclass(frozen=True)
-class ParentRef:
-    """Where a sweep's parent run is: what a job needs to nest its run under it."""
+def finish_job_run(
+    client: MlflowClient,
+    buffer: MetricBuffer,
+    folder: Path,
+    tags: Mapping[str, str],
+    model_name: str,
+    model_step: int,
+) -> None:
+    """Send the last metrics, the tags known at the end, the files of ``folder`` (its
+    ``artifacts/``) and the served model to the buffer's run.
 
-    run_id: str
-    experiment_id: str
-
-
-def write_parent(sweep_dir: Path, parent: ParentRef) -> None:
-    """Leave the parent's id in the sweep directory for the jobs (written atomically)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep_dir / f".{PARENT_FILE}.tmp"
-    tmp.write_text(json.dumps({"run_id": parent.run_id, "experiment_id": parent.experiment_id}))
-    os.replace(tmp, sweep_dir / PARENT_FILE)
-
-
-def read_parent(sweep_dir: Path) -> ParentRef | None:
-    """The parent run a job of this sweep nests under, or None if there is none."""
-    path = sweep_dir / PARENT_FILE
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return ParentRef(run_id=data["run_id"], experiment_id=data["experiment_id"])
-
-
-def start_parent(
-    tracking_uri: str, experiment_name: str, run_name: str, tags: Mapping[str, str]
-) -> ParentRef:
-    """Create a sweep's parent run (RUNNING until :func:`finish_parent` or :func:`end_run`)."""
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment_name)
-    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
-    return ParentRef(run_id=run.info.run_id, experiment_id=exp_id)
+    Raises
+    ------
+    TrackingError
+        The store failed; what it had not received is still in ``folder``.
+    """
+    buffer.flush()
+    if buffer.error is not None:
+        raise buffer.error
+    try:
+        client.log_batch(buffer.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_artifacts(buffer.run_id, str(folder / ARTIFACTS_DIR))
+        log_model(folder / ARTIFACTS_DIR / WEIGHTS_FILE, step=model_step, name=model_name)
+    except Exception as error:
+        raise lost_store(client.tracking_uri, error) from error
 
 
-def end_run(tracking_uri: str, run_id: str, status: str, error: str | None = None) -> None:
-    """End a run with ``status`` (FINISHED, FAILED, KILLED), recording ``error`` as a tag.
-    A run that has already ended is left alone."""
-    client = MlflowClient(tracking_uri)
-    if client.get_run(run_id).info.status != "RUNNING":
-        return
-    if error is not None:
-        client.set_tag(run_id, ERROR_TAG, error[:5000])
-    client.set_terminated(run_id, status=status)
+def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """End a run with ``status`` (FINISHED, FAILED, KILLED), ``error`` as its ``error`` tag;
+    a run that has already ended is left alone. Ends MLflow's active run if it is this one.
+    A store that fails here is reported in the log, not raised: the caller's error wins."""
+    active = mlflow.active_run()
+    try:
+        if client.get_run(run_id).info.status == RUNNING:
+            if error is not None:
+                client.set_tag(run_id, ERROR_TAG, tag_text(error))
+            client.set_terminated(run_id, status=status)
+    except Exception as lost:
+        log.warning("could not end the MLflow run %s: %s", run_id, one_line(lost))
+    finally:
+        if active is not None and active.info.run_id == run_id:
+            # the run has its status already: this only pops MLflow's active-run stack
+            # (set_terminated again on a store that is gone would raise once more)
+            try:
+                mlflow.end_run(status=status)
+            except Exception as lost:
+                log.warning("could not end the MLflow run %s: %s", run_id, one_line(lost))
+                _forget_active_run()
 
 
-def failed_run(
-    tracking_uri: str,
+def _forget_active_run() -> None:
+    from mlflow.tracking.fluent import _active_run_stack
+
+    _active_run_stack.get().clear()
+
+
+def record_failed_job(
+    client: MlflowClient,
     experiment_name: str,
     run_name: str,
     tags: Mapping[str, str],
     error: str,
-    parent: ParentRef | None,
+    parent: tuple[str, str] | None,
 ) -> str:
-    """Record a job that failed before its run started (e.g. unreadable data) as a FAILED run,
-    so that a sweep shows every job."""
-    client = MlflowClient(tracking_uri)
-    exp_id = parent.experiment_id if parent else experiment_id(client, experiment_name)
-    all_tags = {**tags, ERROR_TAG: error[:5000]}
+    """Record a job that failed before its run started (e.g. unreadable data) as a FAILED
+    run, so that a sweep shows every job; returns its id."""
+    exp_id = parent[1] if parent else experiment_id(client, experiment_name)
+    all_tags = {**tags, ERROR_TAG: tag_text(error)}
     if parent is not None:
-        all_tags["mlflow.parentRunId"] = parent.run_id
+        all_tags["mlflow.parentRunId"] = parent[0]
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     client.set_terminated(run.info.run_id, status=FAILED)
     return run.info.run_id
 
 
-class RunWriter:
-    """One job's run, in the tracking process: created on "start", closed on "end".
-
-    Metrics arrive in messages of up to ``MAX_METRICS_PER_BATCH`` (the training process
-    gathers them) and are written at once, one ``log_batch`` call each. The first error the
-    store gives is kept, reported once to the training process (which stops the training),
-    and ends the run FAILED.
-    """
-
-    def __init__(self, connection: Connection, message: dict[str, Any]) -> None:
-        import mlflow
-
-        self.connection = connection
-        self.job = message["job"]
-        self.error: str | None = None
-        self.folder: Path | None = None
-        self.run_id: str | None = None
-        mlflow.set_tracking_uri(message["tracking_uri"])
-        self.client = MlflowClient(message["tracking_uri"])
-        parent = message["parent"]
-        exp_id = (
-            parent["experiment_id"]
-            if parent is not None
-            else experiment_id(self.client, message["experiment_name"])
-        )
-        run = mlflow.start_run(
-            experiment_id=exp_id,
-            run_name=message["run_name"],
-            parent_run_id=parent["run_id"] if parent is not None else None,
-            tags=message["tags"],
-        )
-        self.run_id = run.info.run_id
-        try:
-            params = [Param(k, str(v)) for k, v in message["params"].items()]
-            self.client.log_batch(self.run_id, params=params)
-        except Exception as error:
-            self.end(FAILED, _one_line(error))
-            raise
-
-    def reply(self, op: str, **fields: Any) -> None:
-        _reply(self.connection, op, self.job, **fields)
-
-    def fail(self, error: BaseException) -> None:
-        """Keep the first error; tell the training process (it stops at its next evaluation)."""
-        if self.error is None:
-            self.error = _one_line(error)
-            self.reply("error", error=self.error)
-
-    def add_tags(self, tags: Mapping[str, str]) -> None:
-        try:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        except Exception as error:
-            self.fail(error)
-
-    def add_source_tags(self, data_dir: Path) -> None:
-        """The tags that take a moment (asking git, hashing ~50 MB): the code and the data."""
-        try:
-            tags = {"git_commit": git_commit(), "data_hash": cached_data_hash(data_dir)}
-        except Exception as error:
-            self.fail(error)
-            return
-        self.add_tags(tags)
-
-    def write_metrics(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Write ``[key, value, timestamp_ms, step]`` rows (dropped after an error: the run
-        will end FAILED)."""
-        metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows]
-        for first in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            if self.error is not None:
-                return
-            try:
-                self.client.log_batch(
-                    self.run_id, metrics=metrics[first : first + MAX_METRICS_PER_BATCH]
-                )
-            except Exception as error:
-                self.fail(error)
-
-    def finish(self, message: dict[str, Any]) -> None:
-        """The final metrics and tags, and the served model (the training process draws the
-        figures into the same folder meanwhile)."""
-        now = int(time.time() * 1000)
-        step = message["final_step"]
-        self.write_metrics([[k, v, now, step] for k, v in message["final"].items()])
-        if message["tags"]:
-            self.add_tags(message["tags"])
-        self.folder = Path(message["folder"])
-        if self.error is not None:
-            return
-        try:
-            log_model(self.folder / WEIGHTS_FILE, step=message["final_step"])
-        except Exception as error:
-            self.fail(error)
-
-    def upload(self) -> None:
-        """Every file of the run's folder as the run's artifacts."""
-        if self.folder is None or self.error is not None:
-            return
-        try:
-            self.client.log_artifacts(self.run_id, str(self.folder))
-        except Exception as error:
-            self.fail(error)
-
-    def end(self, status: str, error: str | None = None) -> str | None:
-        """End the run (FAILED with the kept error when asked to end FINISHED after one);
-        returns the kept error, if any."""
-        import mlflow
-
-        if status == FINISHED and self.error is not None:
-            status, error = FAILED, self.error
-        try:
-            if error is not None:
-                self.client.set_tag(self.run_id, ERROR_TAG, error[:5000])
-        finally:
-            mlflow.end_run(status=status)
-        return self.error
+# --------------------------------------------------------------------------- sweep parents
 
 
-def _one_line(error: BaseException) -> str:
-    """What MLflow said, as one line that says who said it."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"MLflow: {text}"
+def start_parent(
+    client: MlflowClient, experiment_name: str, run_name: str, tags: Mapping[str, str]
+) -> tuple[str, str]:
+    """Create a sweep's parent run (RUNNING until ended); returns (run id, experiment id)."""
+    exp_id = experiment_id(client, experiment_name)
+    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    return run.info.run_id, exp_id
 
 
-def _reply(connection: Connection, op: str, job: int, **fields: Any) -> None:
-    connection.send_bytes(json.dumps({"op": op, "job": job, **fields}).encode())
-
-
-def main(fd: int) -> None:
-    """The tracking process (``python -m src.tracking FD``, started by
-    :class:`src.tracker.TrackingProcess`), talking over the socket ``fd``.
-
-    Ctrl-C is ignored here: the training process gets it too, and ends its run KILLED.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(os, "nice"):
-        os.nice(NICENESS)
-    # MLflow, SQLAlchemy and matplotlib leave some 200,000 long-lived objects that every full
-    # garbage collection would walk again; a run's thousands of ORM rows trigger many.
-    gc.freeze()
-    serve(Connection(fd))
-
-
-def serve(connection: Connection) -> None:
-    """Carry out the runs that the training process describes (:class:`src.tracker.JobRun`),
-    one at a time, until the pipe closes. A run the training process leaves open (it died,
-    or gave up waiting) ends KILLED; so does one whose messages stop making sense. Whatever
-    happens, no run is left for MLflow's exit hook, which would end it FINISHED."""
-    writer: RunWriter | None = None
-    try:
-        while True:
-            try:
-                message = json.loads(connection.recv_bytes())
-            except (EOFError, OSError):
-                if writer is not None:
-                    writer.end(KILLED, "the training process ended without ending the run")
-                    writer = None
-                return
-            writer = _carry_out(connection, writer, message)
-    finally:
-        if writer is not None:  # a bug, or a message cut in two: say so on the run
-            writer.end(KILLED, "the tracking process stopped on an error (see its log)")
-
-
-def _carry_out(
-    connection: Connection, writer: RunWriter | None, message: dict[str, Any]
-) -> RunWriter | None:
-    """Do what ``message`` says; returns the run being written afterwards, if any."""
-    op, job = message["op"], message["job"]
-    if op == "start":
-        if writer is not None:  # the training process gave up on it (a second Ctrl-C)
-            writer.end(KILLED, "interrupted")
-        try:
-            writer = RunWriter(connection, message)
-        except Exception as error:
-            _reply(connection, "started", job, run_id=None, error=_one_line(error))
-            return None
-        _reply(connection, "started", job, run_id=writer.run_id)
-        writer.add_source_tags(Path(message["data_dir"]))
-    elif writer is None or writer.job != job:
-        if op == "end":  # the run never started: nothing to end
-            _reply(connection, "ended", job)
-    elif op == "metrics":
-        writer.write_metrics(message["metrics"])
-    elif op == "finish":
-        writer.finish(message)
-    elif op == "upload":
-        writer.upload()
-    elif op == "end":
-        try:
-            kept = writer.end(message["status"], message["error"])
-        except Exception as error:
-            kept = _one_line(error)
-        _reply(connection, "ended", job, error=kept)
-        return None
-    return writer
-
-
-@dataclass(frozen=True)
-class SweepSummary:
-    """How a sweep went, from its children in MLflow."""
-
-    n_jobs: int
-    n_failed: int
-    first_error: str | None
-
-
-def _float(value: str | None) -> float | str:
-    try:
-        return float(value) if value is not None else math.nan
-    except ValueError:
-        return value  # type: ignore[return-value]
-
-
-def _sweep_job(client: MlflowClient, run: Any, folder: Path) -> plots.SweepJob | None:
-    """A finished child as the data plots.sweep_comparison needs; None if it has no curves."""
-    run_id = run.info.run_id
-    steps_per_epoch = float(run.data.tags.get("steps_per_epoch", "1"))
-    curves: plots.Curves = {}
-    for name in ("train/accuracy", "val/accuracy", "test/accuracy", "val/loss", "weights/norm"):
-        history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
-        if history:
-            curves[name] = (
-                np.array([m.step / steps_per_epoch for m in history]),
-                np.array([m.value for m in history]),
-            )
-    if "val/accuracy" not in curves:
-        return None
-    weights = None
-    try:
-        local = client.download_artifacts(run_id, "weights/weights.npz", str(folder))
-        with np.load(local, allow_pickle=False) as saved:
-            weights = saved["weights"]
-    except (MlflowException, OSError):
-        log.warning("run %s has no weights artifact", run_id)
-    final = {k: v for k, v in run.data.metrics.items() if k.startswith(("final/", "best/"))}
-    if weights is not None:
-        final["weights/norm"] = float(np.linalg.norm(weights))  # of the weights the run kept
-    elif "weights/norm" in curves:
-        final["weights/norm"] = float(curves["weights/norm"][1][-1])
-    else:
-        final["weights/norm"] = math.nan
-    p = run.data.params
-    params = {
-        "lambda": _float(p.get("lambda")),
-        "lr": _float(p.get("lr")),
-        "seed": int(_float(p.get("seed", "0"))),
-        "model": p.get("model.name", "?"),
-    }
-    return plots.SweepJob(
-        name=run.info.run_name, params=params, curves=curves, final=final, weights=weights
+def find_parent(client: MlflowClient, sweep_id: str) -> tuple[str, str] | None:
+    """The parent run tagged with ``sweep_id``, found through the store (for jobs that do
+    not share the sweep directory); None if there is none."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, filter_string=f"tags.{SWEEP_TAG} = '{sweep_id}'", max_results=1
     )
+    if not runs:
+        return None
+    return runs[0].info.run_id, runs[0].info.experiment_id
 
 
-def finish_parent(tracking_uri: str, parent: ParentRef, interrupted: bool = False) -> SweepSummary:
-    """Draw the sweep comparison from the parent's children, log it to the parent, end it.
-
-    The parent ends FINISHED when every child finished, FAILED (with the count as its
-    ``error`` tag) when some failed, KILLED when ``interrupted``.
-    """
-    client = MlflowClient(tracking_uri)
-    children = client.search_runs(
-        [parent.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+def children(client: MlflowClient, parent_id: str, experiment: str) -> list[Any]:
+    """The runs nested under ``parent_id``, oldest first."""
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
         max_results=10000,
     )
-    children = sorted(children, key=lambda r: r.info.start_time or 0)
-    failed = [r for r in children if r.info.status != FINISHED]
-    first_error = next((r.data.tags.get(ERROR_TAG) for r in failed if ERROR_TAG in r.data.tags),
-                       None)
+    return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+
+def metric_history(client: MlflowClient, run_id: str, name: str) -> tuple[np.ndarray, ...]:
+    """(steps, values) of one metric of a run, in step order."""
+    history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+    return (np.array([m.step for m in history], dtype=np.float64),
+            np.array([m.value for m in history], dtype=np.float64))
+
+
+def download(client: MlflowClient, run_id: str, path: str, folder: Path) -> Path | None:
+    """One artifact of a run, downloaded into ``folder``; None if the run has none there."""
     try:
-        with tempfile.TemporaryDirectory(prefix="mnist-sweep-") as tmp:
-            folder = Path(tmp)
-            (folder / "download").mkdir()
-            jobs = []
-            for run in children:
-                if run.info.status == FINISHED:
-                    job = _sweep_job(client, run, folder / "download")
-                    if job is not None:
-                        jobs.append(job)
-            out = folder / "artifacts"
-            (out / "plots").mkdir(parents=True)
-            (out / "tables").mkdir()
-            _summary_table(children, out / "tables" / "sweep_summary.csv")
-            if jobs:
-                figures = {
-                    "sweep_comparison.png": plots.sweep_comparison,
-                    "weight_norm_vs_lambda.png": plots.weight_norm_vs_lambda,
-                }
-                if all(j.weights is not None for j in jobs):
-                    figures["weights_by_lambda.png"] = plots.weights_side_by_side
-                for name, draw in figures.items():
-                    save(draw(jobs), out / "plots" / name)
-            client.log_artifacts(parent.run_id, str(out))
-    finally:
-        if interrupted:
-            end_run(tracking_uri, parent.run_id, KILLED)
-        elif failed:
-            end_run(
-                tracking_uri,
-                parent.run_id,
-                FAILED,
-                error=f"{len(failed)} of {len(children)} jobs failed; first: {first_error}",
-            )
-        else:
-            end_run(tracking_uri, parent.run_id, FINISHED)
-    return SweepSummary(n_jobs=len(children), n_failed=len(failed), first_error=first_error)
+        return Path(client.download_artifacts(run_id, path, str(folder)))
+    except (MlflowException, OSError):
+        return None
 
 
-def _summary_table(children: Sequence[Any], path: Path) -> None:
-    """One CSV row per job: name, status, what was swept, final metrics, error."""
-    import csv
-
-    metric_names = sorted(
-        {k for r in children for k in r.data.metrics if k.startswith(("final/", "best/"))}
+def log_parent_summary(
+    client: MlflowClient,
+    parent_id: str,
+    folder: Path,
+    params: Mapping[str, str],
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+) -> None:
+    """A finished sweep's files (``folder``), and the best job's params, metrics and tags."""
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
     )
-    columns = ["run_name", "run_id", "status", "model.name", "lambda", "lr", "seed",
-               *metric_names, ERROR_TAG]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for r in children:
-            row = [r.info.run_name, r.info.run_id, r.info.status]
-            row += [r.data.params.get(k, "") for k in ("model.name", "lambda", "lr", "seed")]
-            row += [r.data.metrics.get(k, "") for k in metric_names]
-            row.append(r.data.tags.get(ERROR_TAG, ""))
-            writer.writerow(row)
+    client.log_artifacts(parent_id, str(folder))
 
 
-if __name__ == "__main__":
-    main(int(sys.argv[1]))
+def mark_killed(client: MlflowClient, runs: Sequence[Any], reason: str) -> int:
+    """End every run of ``runs`` still RUNNING as KILLED with ``reason``; returns how many."""
+    stale = [r for r in runs if r.info.status == RUNNING]
+    for run in stale:
+        client.set_tag(run.info.run_id, ERROR_TAG, reason)
+        client.set_terminated(run.info.run_id, status=KILLED)
+    return len(stale)

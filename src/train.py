@@ -17,10 +17,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -30,14 +29,10 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from src import sweep
-from src.config import PROJECT_ROOT, ConfigError, Settings, config_yaml, run_name, validate
-from src.data import DataError, Splits, binary_task, limit_train, load_processed
-from src.models import LogisticRegression, SoftmaxRegression
-from src.tracker import TrackingError
-from src.training import Callback, DivergenceError, Evaluation, TrainResult, train
-
-if TYPE_CHECKING:
-    from src.tracking import ParentRef
+from src.config import ConfigError, Settings, config_yaml, run_name, validate
+from src.data import DataError
+from src.errors import TrackingError, one_line
+from src.training import DivergenceError
 
 log = logging.getLogger("src.train")
 
@@ -50,114 +45,12 @@ USER_ERRORS = (ConfigError, DataError, DivergenceError, TrackingError)
 EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def load_splits(settings: Settings) -> Splits:
-    """The task's data: the two digits (label 1 = the first) or all ten, then the limit."""
-    splits = load_processed(settings.data_dir)
-    if settings.digits is not None:
-        splits = binary_task(splits, positive=settings.digits[0], negative=settings.digits[1])
-    return limit_train(splits, settings.limit_train)
-
-
-def build_model(settings: Settings) -> LogisticRegression | SoftmaxRegression:
-    """A fresh (zero) model for the task."""
-    if settings.model == "logistic":
-        return LogisticRegression(n_features=784)
-    return SoftmaxRegression(n_features=784, n_classes=10)
-
-
-class Progress(Callback):
-    """One progress bar over the epochs on a terminal; silent otherwise."""
-
-    def __init__(self, epochs: int, description: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=epochs,
-            desc=description,
-            unit="epoch",
-            disable=not sys.stderr.isatty(),
-            leave=True,
-        )
-
-    def on_evaluation(self, evaluation: Evaluation) -> None:
-        done = int(evaluation.epoch + 1e-9)
-        if done > self.bar.n:
-            m = evaluation.metrics
-            self.bar.set_postfix(
-                train_loss=f"{m['train/loss']:.4f}",
-                val_loss=f"{m['val/loss']:.4f}",
-                val_acc=f"{m['val/accuracy']:.4f}",
-                refresh=False,
-            )
-            self.bar.update(done - self.bar.n)
-
-    def on_end(self, result: TrainResult) -> None:
-        self.bar.close()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line: its message, or its type when it has none."""
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
-def source_name() -> str:
-    """The entry script, relative to the project root: MLflow would record its absolute path."""
-    script = Path(sys.argv[0]).resolve()
-    if script.is_relative_to(PROJECT_ROOT):
-        return str(script.relative_to(PROJECT_ROOT))
-    return script.name
-
-
-def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | None) -> dict:
-    """Tags of a job's run known at once: the overrides, the task, the experiment, the source."""
-    tags = {
-        "overrides": " ".join(overrides) or "(none)",
-        "task": settings.task,
-        "mlflow.source.name": source_name(),
-    }
-    if experiment:
-        tags["experiment"] = experiment
-    return tags
-
-
-def train_tracked(
-    settings: Settings,
-    splits: Splits,
-    name: str,
-    tags: dict[str, str],
-    config_text: str,
-    parent: ParentRef | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> tuple[TrainResult, str]:
-    """Train one model inside one MLflow run and log everything; returns the result and the
-    run id. The run ends FINISHED, or FAILED (reason in the ``error`` tag) / KILLED, and then
-    the error is raised again."""
-    from src import tracker
-
-    job = tracker.JobRun(settings, name, tags, parent)
-    try:
-        result = train(build_model(settings), splits, settings.train, [job, *callbacks])
-        job.log_result(result, splits, config_text)
-    except KeyboardInterrupt:
-        job.end(tracker.KILLED, "interrupted")
-        raise
-    except Exception as error:
-        job.end(tracker.FAILED, one_line(error))
-        raise
-    job.end(tracker.FINISHED)
-    return result, job.run_id
-
-
 def run_job(cfg: DictConfig) -> dict[str, float] | None:
     """Train and track one job; returns its final metrics, or None if it failed.
 
-    A failure a user can cause (refused config, missing data, divergence) is kept for
-    main() to report on one line: raising it would make Hydra print more, and in a sweep
-    stop the sweep before its end. The job's run, if it started, ended FAILED already.
+    A failure a user can cause (refused config, missing data, divergence, the store) is
+    kept for main() to report on one line: raising it would make Hydra print more, and in a
+    sweep stop the sweep before its end. The job's run, if it started, ended FAILED already.
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -175,32 +68,27 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
 def _run_checked(
     cfg: DictConfig, settings: Settings, multirun: bool, overrides: list[str]
 ) -> dict[str, float] | None:
+    from src import job  # MLflow loads in a second: not for a refused config
+
     hydra_cfg = HydraConfig.get()
     name = run_name(settings, overrides)
-    tags = job_tags(settings, overrides, hydra_cfg.runtime.choices.get("experiment"))
-    data_error: DataError | None = None
+    tags = job.job_tags(settings, overrides, hydra_cfg.runtime.choices.get("experiment"))
+    parent = sweep.job_parent() if multirun else None
     try:
-        splits = load_splits(settings)
+        splits = job.load_splits(settings)
     except DataError as error:
         if not multirun:
             raise
-        data_error = error
-    from src import tracking  # after the data: a missing file is reported without MLflow
-
-    parent = tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None
-    if data_error is not None:  # a sweep shows every job, this one FAILED
-        tracking.failed_run(
-            settings.tracking_uri, settings.experiment_name, name, tags, one_line(data_error),
-            parent,
-        )
-        log.error("job %s failed: %s", name, one_line(data_error))
+        _record_failed(settings, name, tags, one_line(error), parent)
         return None
 
     log.info("training %s (%d training images)", name, len(splits.train))
-    progress = Progress(settings.train.epochs, name)
+    progress = job.Progress(settings, settings.task)
+    folder = Path(hydra_cfg.runtime.output_dir)
     try:
-        result, run_id = train_tracked(
-            settings, splits, name, tags, config_yaml(cfg), parent, [progress]
+        done = job.run_tracked(
+            settings, splits, name, tags, config_yaml(cfg), folder,
+            None if parent is None else (parent.run_id, parent.experiment_id), [progress],
         )
     except Exception as error:
         if not multirun:
@@ -212,15 +100,30 @@ def _run_checked(
         return None
     finally:
         progress.close()
-    final = result.final
+    final = done.result.final
     log.info(
         "%s: val accuracy %.4f, test accuracy %.4f (MLflow run %s)",
         name,
         final.get("final/val_accuracy", float("nan")),
         final.get("final/test_accuracy", float("nan")),
-        run_id,
+        done.run_id,
     )
     return final
+
+
+def _record_failed(
+    settings: Settings, name: str, tags: dict[str, str], error: str,
+    parent: sweep.ParentRef | None,
+) -> None:
+    """A sweep shows every job: one that found no data is a FAILED run under the parent."""
+    from src import tracking
+
+    client = tracking.open_store(settings.tracking_uri)
+    tracking.record_failed_job(
+        client, settings.experiment_name, name, tags, error,
+        None if parent is None else (parent.run_id, parent.experiment_id),
+    )
+    log.error("job %s failed: %s", name, error)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -288,15 +191,20 @@ def main() -> None:
         print(f"error: {line}", file=sys.stderr)
         sys.exit(code)
     active = sweep.ACTIVE
-    if active is not None and active.summary is not None and active.summary.n_failed:
-        summary = active.summary
+    if active is None:
+        return
+    if active.summary is None:  # Hydra turned the callback's error into a warning
+        print(f"error: the sweep could not be finished: {active.error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    summary = active.summary
+    print(sweep.summary_text(active), file=sys.stderr)
+    if summary.n_failed:
         print(
             f"error: {summary.n_failed} of {summary.n_jobs} jobs failed "
             f"(first: {summary.first_error}); see the parent run {active.parent.run_id}",
             file=sys.stderr,
         )
         sys.exit(EXIT_FAILED)
-
 
 if __name__ == "__main__":
     main()

@@ -176,6 +176,8 @@ class TrainResult:
         Step of the lowest validation loss seen.
     stopped_early : bool
         True if early stopping ended the run before the last epoch.
+    stop_reason : str or None
+        Why a callback stopped the run (:class:`StopTraining`), if one did.
     final : dict[str, float]
         ``final/{train,val,test}_{accuracy,loss}`` on the kept weights, and ``best/step``.
     """
@@ -185,6 +187,7 @@ class TrainResult:
     best_step: int
     stopped_early: bool
     final: dict[str, float]
+    stop_reason: str | None = None
 
 
 class Callback:
@@ -195,6 +198,11 @@ class Callback:
 
     def on_end(self, result: TrainResult) -> None:
         """Called once when training ends normally (not when it raises)."""
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end the training after this evaluation, keeping the result
+    (the weights kept as early stopping would keep them); the message says why."""
 
 
 class DivergenceError(RuntimeError):
@@ -381,6 +389,7 @@ def train(
     best_weights, best_bias = model.weights.copy(), _copy(model.bias)
     previous_val_loss, rising_in_a_row = math.inf, 0
     stopped_early = False
+    stop_reason: str | None = None
     step = 0
     # The per-batch products are too small to share between BLAS threads: they run on one
     # while the helper thread copies the next batches. Evaluations share the work between
@@ -417,8 +426,11 @@ def train(
                         raise DivergenceError(step, metrics[name])
                 evaluation = Evaluation(step=step, epoch=step / steps_per_epoch, metrics=metrics)
                 history.append(evaluation)
-                for callback in callbacks:
-                    callback.on_evaluation(evaluation)
+                try:
+                    for callback in callbacks:
+                        callback.on_evaluation(evaluation)
+                except StopTraining as stop:
+                    stop_reason = str(stop)
 
                 # The kept weights: a plain comparison with the lowest validation loss so far.
                 val_loss = metrics["val/loss"]
@@ -431,8 +443,9 @@ def train(
                 previous_val_loss = val_loss
                 if config.early_stopping and rising_in_a_row >= config.patience:
                     stopped_early = True
+                if stopped_early or stop_reason is not None:
                     break
-            if stopped_early:
+            if stopped_early or stop_reason is not None:
                 break
 
     kept = history[-1].metrics
@@ -450,6 +463,7 @@ def train(
         best_step=best_step,
         stopped_early=stopped_early,
         final=final,
+        stop_reason=stop_reason,
     )
     for callback in callbacks:
         callback.on_end(result)

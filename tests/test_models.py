@@ -227,7 +227,7 @@ def test_loss_and_accuracy_agree_with_loss_and_predict(kind):
 
 @pytest.mark.parametrize("kind", ["logistic", "softmax"])
 @pytest.mark.parametrize("l2", [0.0, 0.05])
-@pytest.mark.parametrize("n_samples", [12, 150])  # 150: several blocks of BLOCK_ROWS rows
+@pytest.mark.parametrize("n_samples", [12, 150])
 def test_gradient_step_is_the_gradients_update(kind, l2, n_samples):
     """The training loop's fast step equals ``w - lr * gradients()``, to float32 rounding."""
     rng = np.random.default_rng(5)

@@ -10,7 +10,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from PIL import Image
 
-from src import plots
+from src import artifacts, plots
 from src.plots import SweepJob
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -330,9 +330,9 @@ def _small_figure() -> Figure:
     return plots.learning_curves(_curves(5), "loss")
 
 
-def test_save_figure_writes_a_png_and_leaves_no_temporary_file(tmp_path):
+def test_saving_a_figure_writes_a_png_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "plots" / "loss_curves.png"
-    plots.save_figure(_small_figure(), path)
+    artifacts.save(_small_figure(), path)
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(path) as image:
         image.verify()
@@ -340,7 +340,7 @@ def test_save_figure_writes_a_png_and_leaves_no_temporary_file(tmp_path):
     assert os.listdir(path.parent) == ["loss_curves.png"]
 
 
-def test_save_figure_replaces_an_existing_file_only_on_success(tmp_path):
+def test_saving_a_figure_replaces_an_existing_file_only_on_success(tmp_path):
     path = tmp_path / "weights.png"
     path.write_bytes(b"old")
     fig = _small_figure()
@@ -351,10 +351,10 @@ def test_save_figure_replaces_an_existing_file_only_on_success(tmp_path):
 
     fig.savefig = failing_savefig  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="disk full"):
-        plots.save_figure(fig, path)
+        artifacts.save(fig, path)
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["weights.png"]
 
-    plots.save_figure(_small_figure(), path)
+    artifacts.save(_small_figure(), path)
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     assert os.listdir(tmp_path) == ["weights.png"]
