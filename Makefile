@@ -37,6 +37,8 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.train_speed
 	$(BIN)/python -m benchmarks.tracking_overhead
+	$(BIN)/python -m benchmarks.end_to_end
+	$(BIN)/python -m benchmarks.store_cost
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -48,7 +48,7 @@ class Expected:
     gz_sha256: str | None = None
 
 
-# Digests of the published MNIST files (see DESIGN.md, "Data").
+# Digests of the published MNIST files, checked against their published label counts.
 MNIST_FILES: dict[str, Expected] = {
     "train-images-idx3-ubyte": Expected(
         "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",

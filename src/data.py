@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 PROCESSED_FILE = "mnist.npz"
-N_PIXELS = 784
+IMAGE_SIDE = 28  # MNIST images are 28 x 28
+N_PIXELS = IMAGE_SIDE * IMAGE_SIDE  # 784 values in a row of pixels
 N_CLASSES = 10
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -64,8 +66,11 @@ class Splits:
     test: Dataset
 
 
-def _read_split(archive: np.lib.npyio.NpzFile, path: Path, split: str) -> Dataset:
-    """Check one split's two arrays against the contract and convert them."""
+def _read_split(
+    archive: np.lib.npyio.NpzFile, path: Path, split: str, digits: Sequence[int] | None = None
+) -> Dataset:
+    """Check one split's two arrays against the contract and convert them (only the images
+    of ``digits``, if given)."""
     images_key, labels_key = f"{split}_images", f"{split}_labels"
     for key in (images_key, labels_key):
         if key not in archive.files:
@@ -87,6 +92,9 @@ def _read_split(archive: np.lib.npyio.NpzFile, path: Path, split: str) -> Datase
         raise DataError(
             f"{path}: '{labels_key}' holds label {labels.max()}, expected 0..{N_CLASSES - 1}"
         )
+    if digits is not None:  # before converting: a binary task needs a fifth of the images
+        keep = np.isin(labels, np.asarray(digits, dtype=np.uint8))
+        images, labels = images[keep], labels[keep]
     # Divide once here (one pass, straight into float32) so training never converts again.
     return Dataset(
         images=np.divide(images, np.float32(255), dtype=np.float32),
@@ -94,13 +102,15 @@ def _read_split(archive: np.lib.npyio.NpzFile, path: Path, split: str) -> Datase
     )
 
 
-def load_processed(directory: Path) -> Splits:
+def load_processed(directory: Path, digits: Sequence[int] | None = None) -> Splits:
     """Load ``directory / PROCESSED_FILE`` as train/val/test splits.
 
     Parameters
     ----------
     directory : Path
         The folder ``dvc repro`` writes to (``data/processed``).
+    digits : sequence of int, optional
+        Keep only the images of these digits (labels unchanged, 0..9), in their order.
 
     Returns
     -------
@@ -118,7 +128,7 @@ def load_processed(directory: Path) -> Splits:
         raise DataError(f"{path} not found; run `dvc repro` to download and preprocess MNIST")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return Splits(*(_read_split(archive, path, split) for split in SPLIT_NAMES))
+            return Splits(*(_read_split(archive, path, split, digits) for split in SPLIT_NAMES))
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from src import artifacts, tracking
 from src.config import PROJECT_ROOT, Settings
-from src.data import N_PIXELS, Splits, binary_task, limit_train, load_processed
+from src.data import N_PIXELS, PROCESSED_FILE, Splits, binary_task, limit_train, load_processed
 from src.errors import one_line
 from src.models import LogisticRegression, SoftmaxRegression
 from src.training import Callback, Evaluation, TrainResult, train
@@ -26,11 +26,30 @@ from src.training import Callback, Evaluation, TrainResult, train
 log = logging.getLogger(__name__)
 
 
+_SPLITS: dict[tuple, Splits] = {}
+
+
 def load_splits(settings: Settings) -> Splits:
-    """The task's data: the two digits (label 1 = the first) or all ten, then the limit."""
-    splits = load_processed(settings.data_dir)
-    if settings.digits is not None:
-        splits = binary_task(splits, positive=settings.digits[0], negative=settings.digits[1])
+    """The task's data: the two digits (label 1 = the first) or all ten, then the limit.
+
+    Loaded once per file version and task in this process (by the file's size and time, as
+    DVC does): the jobs of a sweep share their data, and no job changes it.
+    """
+    path = settings.data_dir / PROCESSED_FILE
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, settings.digits)
+    except OSError:
+        key = None  # load_processed says what is wrong
+    splits = _SPLITS.get(key) if key is not None else None
+    if splits is None:
+        splits = load_processed(settings.data_dir, digits=settings.digits)
+        if settings.digits is not None:
+            positive, negative = settings.digits
+            splits = binary_task(splits, positive=positive, negative=negative)
+        if key is not None:
+            _SPLITS.clear()  # one task's data at a time
+            _SPLITS[key] = splits
     return limit_train(splits, settings.limit_train)
 
 
@@ -162,6 +181,7 @@ def run_tracked(
         client, settings.experiment_name, name, all_tags, settings.params, parent
     )
     buffer = tracking.MetricBuffer(client, run_id)
+    log.info("training %s (%d training images; MLflow run %s)", name, len(splits.train), run_id)
     try:
         result = train(build_model(settings), splits, settings.train, [buffer, *callbacks])
         line = stop_line(result, settings.train.patience)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from src.data import N_PIXELS
+
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise ``log softmax(z)``, stable for any logit size.
@@ -96,7 +98,7 @@ class LogisticRegression:
 
     n_classes = 2
 
-    def __init__(self, n_features: int = 784, dtype: type = np.float32) -> None:
+    def __init__(self, n_features: int = N_PIXELS, dtype: type = np.float32) -> None:
         self.weights = np.zeros(n_features, dtype=dtype)
         self.bias = 0.0
 
@@ -196,7 +198,9 @@ class SoftmaxRegression:
         Starts at zero. Not penalised by L2.
     """
 
-    def __init__(self, n_features: int = 784, n_classes: int = 10, dtype: type = np.float32):
+    def __init__(
+        self, n_features: int = N_PIXELS, n_classes: int = 10, dtype: type = np.float32
+    ) -> None:
         self.weights = np.zeros((n_features, n_classes), dtype=dtype)
         self.bias = np.zeros(n_classes, dtype=dtype)
         self.n_classes = n_classes

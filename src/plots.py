@@ -19,13 +19,14 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.ticker import MaxNLocator
+
+from src.data import IMAGE_SIDE, N_PIXELS
 
 Curves = dict[str, tuple[np.ndarray, np.ndarray]]
 """Metric name (``"train/loss"``, ``"val/accuracy"``, ...) -> (epochs, values), both (n,)."""
 
 DPI = 80  # small PNGs, fast to render: every run draws its figures at its end
-IMAGE_SIDE = 28
-N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 SPLITS = ("train", "val", "test")
 SPLIT_LABELS = {"train": "training", "val": "validation", "test": "test"}
 SPLIT_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
@@ -680,6 +681,148 @@ def weights_side_by_side(jobs: Sequence[SweepJob]) -> Figure:
             titles.append(label if k == 1 else f"{label}\nclass {j}")
     n_cols = len(images) if k == 1 else k
     return _heatmap_grid(images, titles, n_cols, "Learned weights, one colour scale")
+
+
+# --------------------------------------------------------------------------- searches
+
+
+def _metric_label(metric: str) -> str:
+    return metric.replace("val_", "validation ").replace("_", " ")
+
+
+def _searched_scale(ax: Axes, values: np.ndarray, axis: str) -> None:
+    """A searched parameter's axis: log when every value is positive (searches sample on a
+    log scale), symlog when 0 is among them."""
+    positive = values[values > 0]
+    if positive.size == 0 or (values < 0).any():
+        return
+    scale = getattr(ax, f"set_{axis}scale")
+    if positive.size == values.size:
+        scale("log")
+    else:
+        scale("symlog", linthresh=float(positive.min()))
+
+
+def _best_index(values: np.ndarray, minimize: bool) -> int | None:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None
+    scored = np.where(finite, values if minimize else -values, np.inf)
+    return int(np.argmin(scored))
+
+
+def optimization_history(values: np.ndarray, metric: str, minimize: bool = True) -> Figure:
+    """A search's trials in order: each one's value of the optimised metric, the best so far
+    as a step line, and the failed trials (NaN) as crosses along the bottom.
+
+    Parameters
+    ----------
+    values : ndarray of shape (n,)
+        The metric of trial 0, 1, ...; NaN for a trial that failed.
+    metric : str
+        Its name (``val_loss``, ``val_accuracy``).
+    minimize : bool
+        Whether lower is better (the best so far is the running minimum).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    trials = np.arange(values.size)
+    finite = np.isfinite(values)
+    fig = _new_figure(6.0, 3.6)
+    ax = fig.add_subplot()
+    label = _metric_label(metric)
+    ax.plot(trials[finite], values[finite], "o", color="tab:blue", markersize=5,
+            label=f"trial's {label}")
+    if finite.any():
+        worst = np.inf if minimize else -np.inf
+        running = np.where(finite, values, worst)
+        best = np.minimum.accumulate(running) if minimize else np.maximum.accumulate(running)
+        reached = np.isfinite(best)
+        ax.step(trials[reached], best[reached], where="post", color="tab:red",
+                label="best so far")
+        index = _best_index(values, minimize)
+        assert index is not None
+        ax.plot([index], [values[index]], "*", color="tab:red", markersize=14,
+                label=f"best: trial {index}")
+    if (~finite).any():
+        ax.plot(trials[~finite], np.zeros(int((~finite).sum())), "x", color="tab:gray",
+                transform=ax.get_xaxis_transform(), clip_on=False, markersize=7,
+                label=f"failed ({int((~finite).sum())})")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(label)
+    ax.set_xlim(-0.5, max(values.size - 0.5, 0.5))
+    way = "lower" if minimize else "higher"
+    ax.set_title(f"Optimisation history: {label} ({way} is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
+    return fig
+
+
+def search_space(
+    params: dict[str, np.ndarray], values: np.ndarray, metric: str, minimize: bool = True
+) -> Figure:
+    """The search space a search explored: the metric against each parameter (log x when it
+    spans a decade), and the first two parameters against each other, coloured by the metric;
+    the best trial is a red star, failed trials grey crosses.
+
+    Parameters
+    ----------
+    params : dict of str to ndarray of shape (n,)
+        Each parameter's value in trial 0, 1, ... (``{"lr": ..., "lambda": ...}``); NaN
+        where a trial did not record it.
+    values : ndarray of shape (n,)
+        The metric of each trial; NaN for a trial that failed.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    names = list(params)
+    if not names:
+        raise ValueError("search_space needs at least one parameter")
+    finite = np.isfinite(values)
+    best = _best_index(values, minimize)
+    label = _metric_label(metric)
+    panels = len(names) + (1 if len(names) >= 2 else 0)
+    fig = _new_figure(3.8 * panels, 3.4)
+    cmap = "viridis_r" if minimize else "viridis"  # the better trials bright
+    for index, name in enumerate(names):
+        x = np.asarray(params[name], dtype=np.float64)
+        ax = fig.add_subplot(1, panels, index + 1)
+        known = np.isfinite(x)
+        ax.scatter(x[known & finite], values[known & finite], c="tab:blue", s=18)
+        if best is not None and known[best]:
+            ax.plot([x[best]], [values[best]], "*", color="tab:red", markersize=13)
+        failed = known & ~finite
+        if failed.any():
+            ax.plot(x[failed], np.zeros(int(failed.sum())), "x", color="tab:gray",
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+        _searched_scale(ax, x[known], "x")
+        ax.set_xlabel(name)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} against {name}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if len(names) >= 2:
+        ax = fig.add_subplot(1, panels, panels)
+        x = np.asarray(params[names[0]], dtype=np.float64)
+        y = np.asarray(params[names[1]], dtype=np.float64)
+        known = np.isfinite(x) & np.isfinite(y)
+        shown = known & finite
+        if shown.any():
+            points = ax.scatter(x[shown], y[shown], c=values[shown], cmap=cmap, s=24)
+            fig.colorbar(points, ax=ax, label=label)
+        if (known & ~finite).any():
+            ax.plot(x[known & ~finite], y[known & ~finite], "x", color="tab:gray",
+                    label="failed")
+            ax.legend(fontsize=7)
+        if best is not None and known[best]:
+            ax.plot([x[best]], [y[best]], "*", color="tab:red", markersize=14)
+        _searched_scale(ax, x[known], "x")
+        _searched_scale(ax, y[known], "y")
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
+        ax.set_title(f"{names[0]} and {names[1]} tried", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.07, right=0.95, bottom=0.15, top=0.88, wspace=0.45)
+    return fig
 
 
 # --------------------------------------------------------------------------- output

@@ -11,6 +11,7 @@ does with it is src/sweep.py's business.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import subprocess
@@ -72,6 +73,9 @@ def use_short_http_retries() -> None:
     """Set MLflow's HTTP retry and timeout variables to small values, unless the user has."""
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # each retry would print a warning that quotes the whole exception: the one error line
+    # that follows says it all
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @contextmanager
@@ -117,7 +121,12 @@ def open_store(tracking_uri: str) -> MlflowClient:
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
+    """What went wrong, in a few words: MLflow's HTTP errors quote whole retry chains."""
     text = one_line(error)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -203,6 +212,15 @@ def ui_address(tracking_uri: str, experiment_id: str, run_id: str | None = None)
 # --------------------------------------------------------------------------- a job's run
 
 
+def source_tags() -> dict[str, str]:
+    """The tags MLflow's fluent API gives a new run about its source: user, type, commit."""
+    return {
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": git_commit(),
+    }
+
+
 def start_job_run(
     client: MlflowClient,
     experiment_name: str,
@@ -216,13 +234,14 @@ def start_job_run(
     ``parent`` is ``(run_id, experiment_id)`` of a sweep's parent run to nest under.
     """
     exp_id = parent[1] if parent is not None else experiment_id(client, experiment_name)
+    all_tags = {**source_tags(), **tags}
+    if parent is not None:
+        all_tags["mlflow.parentRunId"] = parent[0]
+    # MlflowClient.create_run, then start_run on it: the fluent start_run of a new run would
+    # ask GitPython for the same commit (a third of a second to import it)
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     mlflow.set_tracking_uri(client.tracking_uri)
-    run = mlflow.start_run(
-        experiment_id=exp_id,
-        run_name=run_name,
-        parent_run_id=parent[0] if parent is not None else None,
-        tags=dict(tags),
-    )
+    mlflow.start_run(run_id=run.info.run_id)  # the active run, for log_model
     run_id = run.info.run_id
     try:
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -266,6 +285,15 @@ class MetricBuffer(Callback):
         """Metrics outside the evaluations (the final ones), sent with the next flush."""
         now = int(time.time() * 1000)
         self.rows.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+
+    def link_model(self, model_id: str, step: int) -> None:
+        """Link the waiting metrics of ``step`` to the logged model ``model_id``, as MLflow's
+        ``log_model`` links the ones already in the store."""
+        for index in range(self.sent, len(self.rows)):
+            row = self.rows[index]
+            if row.step == step:
+                self.rows[index] = Metric(row.key, row.value, row.timestamp, row.step,
+                                          model_id=model_id)
 
     def flush(self, full_only: bool = False) -> None:
         """Send what waits (only whole calls of 1,000 if asked); keeps the first store error."""
@@ -314,23 +342,30 @@ def finish_job_run(
     model_name: str,
     model_step: int,
 ) -> None:
-    """Send the last metrics, the tags known at the end, the files of ``folder`` (its
-    ``artifacts/``) and the served model to the buffer's run.
+    """Send the tags known at the end, the files of ``folder`` (its ``artifacts/``), the
+    served model and the last metrics to the buffer's run.
 
     Raises
     ------
     TrackingError
         The store failed; what it had not received is still in ``folder``.
     """
-    buffer.flush()
-    if buffer.error is not None:
+    if buffer.error is not None:  # the store failed during the training
         raise buffer.error
     try:
         client.log_batch(buffer.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.log_artifacts(buffer.run_id, str(folder / ARTIFACTS_DIR))
-        log_model(folder / ARTIFACTS_DIR / WEIGHTS_FILE, step=model_step, name=model_name)
+        # Logged before the waiting metrics: MLflow links the model to the metrics of its
+        # step that the store holds by reading back every metric history of the run; the
+        # ones still waiting here are linked by the buffer as they are sent.
+        model_id = log_model(folder / ARTIFACTS_DIR / WEIGHTS_FILE, step=model_step,
+                             name=model_name)
     except Exception as error:
         raise lost_store(client.tracking_uri, error) from error
+    buffer.link_model(model_id, model_step)
+    buffer.flush()
+    if buffer.error is not None:
+        raise buffer.error
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:

@@ -3,6 +3,7 @@
     python -m src.train                                # the default: logistic, 2 against 3
     python -m src.train model=softmax lambda=0.01      # one run
     python -m src.train -m lambda=0,0.01,0.1           # a sweep: one parent run, three children
+    python -m src.train -m hparams_search=optuna       # an Optuna search over lr and lambda
     python -m src.train --cfg job                      # the composed config; --help lists groups
 
 A refused config or missing data stops with one ``error: ...`` line on stderr and a
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,16 +27,31 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src import sweep
-from src.config import ConfigError, Settings, config_yaml, run_name, validate
+from src.config import (
+    NOT_PARAMS,
+    SCHEMA,
+    ConfigError,
+    Settings,
+    config_yaml,
+    default_tracking_uri,
+    run_name,
+    unknown_key,
+    validate,
+)
 from src.data import DataError
 from src.errors import TrackingError, one_line
 from src.training import DivergenceError
 
 log = logging.getLogger("src.train")
+# conf/hydra/launcher/ray.yaml has the plugin's name so that `hydra/launcher=ray` picks it;
+# Hydra then checks it against the plugin's schema of that name and warns it is deprecated.
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema"
+)
 
 # The error that stopped this process's single run, reported by main() on one line.
 JOB_ERRORS: list[Exception] = []
@@ -59,6 +76,11 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
         settings = validate(cfg)  # in a sweep, the callback has already checked every job
         return _run_checked(cfg, settings, multirun, overrides)
     except USER_ERRORS as error:
+        parent = sweep.job_parent() if multirun else None
+        if isinstance(error, ConfigError) and parent is not None:
+            # a search's sampled values (not known before the sweep): a FAILED trial
+            _record_refused(cfg, overrides, one_line(error), parent)
+            return None
         if multirun:  # only when the sweeper's jobs could not be checked in advance
             log.error("job failed: %s", one_line(error))
         JOB_ERRORS.append(error)
@@ -68,10 +90,11 @@ def run_job(cfg: DictConfig) -> dict[str, float] | None:
 def _run_checked(
     cfg: DictConfig, settings: Settings, multirun: bool, overrides: list[str]
 ) -> dict[str, float] | None:
-    from src import job  # MLflow loads in a second: not for a refused config
+    from src import job, tracking  # MLflow loads in a second: not for a refused config
 
     hydra_cfg = HydraConfig.get()
-    name = run_name(settings, overrides)
+    # a sweep's job is named by what the sweep varies (the callback hands its keys over)
+    name = run_name(settings, overrides, sweep.job_swept_keys() if multirun else ())
     tags = job.job_tags(settings, overrides, hydra_cfg.runtime.choices.get("experiment"))
     parent = sweep.job_parent() if multirun else None
     try:
@@ -82,7 +105,6 @@ def _run_checked(
         _record_failed(settings, name, tags, one_line(error), parent)
         return None
 
-    log.info("training %s (%d training images)", name, len(splits.train))
     progress = job.Progress(settings, settings.task)
     folder = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -102,13 +124,50 @@ def _run_checked(
         progress.close()
     final = done.result.final
     log.info(
-        "%s: val accuracy %.4f, test accuracy %.4f (MLflow run %s)",
+        "%s: val accuracy %.4f, test accuracy %.4f; MLflow run %s",
         name,
-        final.get("final/val_accuracy", float("nan")),
-        final.get("final/test_accuracy", float("nan")),
-        done.run_id,
+        final.get("final_val_accuracy", float("nan")),
+        final.get("final_test_accuracy", float("nan")),
+        tracking.run_address(settings.tracking_uri, done.run_id),
     )
+    if settings.register and not multirun:  # a sweep registers its best job's model
+        _register(settings, done.run_id, final)
     return final
+
+
+def _register(settings: Settings, run_id: str, final: dict[str, float]) -> None:
+    """``register=true``: the run's model as a new version in the Model Registry."""
+    from src import registry, tracking
+
+    client = tracking.open_store(settings.tracking_uri)
+    try:
+        done = registry.register_run(client, run_id, settings.experiment_name, final)
+    except Exception as error:
+        raise TrackingError(
+            f"the model of run {run_id} was not registered: {one_line(error)}"
+        ) from None
+    log.info("%s", done.line())
+
+
+def _record_refused(
+    cfg: DictConfig, overrides: list[str], error: str, parent: sweep.ParentRef
+) -> None:
+    """A search's trial whose sampled values are refused: a FAILED run under the parent,
+    with those values as its params, so that the search shows it and goes on."""
+    from src import tracking
+
+    uri = OmegaConf.select(cfg, "mlflow.tracking_uri") or default_tracking_uri()
+    values = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
+    params = {k: v for k, v in values.items() if k in SCHEMA and k not in NOT_PARAMS}
+    name = " ".join(["refused", *(f"{k}={v}" for k, v in params.items())])
+    tags = {"overrides": " ".join(overrides) or "(none)"}
+    client = tracking.open_store(uri)
+    run_id = tracking.record_failed_job(
+        client, "", name, tags, error, (parent.run_id, parent.experiment_id)
+    )
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    log.error("job %s: %s", name, error)
 
 
 def _record_failed(
@@ -127,9 +186,15 @@ def _record_failed(
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def hydra_main(cfg: DictConfig) -> dict[str, float] | None:
-    """The Hydra task: one job."""
-    return run_job(cfg)
+def hydra_main(cfg: DictConfig) -> dict[str, float] | float | None:
+    """The Hydra task: one job. In a search, the number the sweeper optimises (the job's
+    ``final/<optimized_metric>``); a failed trial raises :class:`sweep.TrialFailed`, which
+    the sweeper records as a FAILED trial before it goes on."""
+    final = run_job(cfg)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and sweep.is_search(hydra_cfg.sweeper):
+        return sweep.trial_value(final, OmegaConf.select(cfg, "optimized_metric") or "val_loss")
+    return final
 
 
 def hydra_error_line(error: Exception) -> str:
@@ -144,9 +209,7 @@ def hydra_error_line(error: Exception) -> str:
     key = getattr(cause, "full_key", None) or getattr(error, "full_key", None)
     text = one_line(error)
     if cause is not None and "not in struct" in str(cause) and key:
-        return (
-            f"unknown key '{key}' (the keys are listed by `python -m src.train --cfg job`)"
-        )
+        return unknown_key(key)
     if cause is not None:
         text = f"{text} {one_line(cause)}"
     return text
@@ -183,6 +246,10 @@ def main() -> None:
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as error:
         sweep.close_active(interrupted=False)
         JOB_ERRORS.append(error)
+    except Exception as error:
+        if not sweep.finish_search_on_error(error):  # optuna<3 when no trial completed
+            sweep.close_active(interrupted=False)
+            raise
     except BaseException:
         sweep.close_active(interrupted=False)
         raise
