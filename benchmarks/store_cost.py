@@ -7,10 +7,13 @@ team's tracking server (``make server``: ``mlflow server`` on PostgreSQL, over H
 src.tracking_server. Each store gets a run and one untimed warm-up call; then the timed
 calls alternate between the stores (``--repeats`` each), so that a busy machine slows both
 alike. A call's metrics are a training curve's: four keys, 250 new steps each. The median
-call, per metric, is what is reported, with the server's cost over SQLite's. Run from the
-project root (Linux; PostgreSQL's programs installed, or root to have them installed):
+call, per metric, is what is reported, with the server's cost over SQLite's. Then the
+mission's sweep (`python -m src.train -m lambda=0,0.01,0.1`, real data) runs as a whole
+process against each store, alternating, ``--sweeps`` times each (the median is reported).
+Run from the project root after `dvc repro` (Linux; PostgreSQL's programs installed, or root
+to have them installed):
 
-    python -m benchmarks.store_cost [--repeats 7]
+    python -m benchmarks.store_cost [--repeats 7] [--sweeps 3]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +35,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from src import tracking_server
+from src.config import PROJECT_ROOT
 
 BATCH = 1000  # metrics per log_batch call, the most MLflow takes (src/tracking.py sends these)
 KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -77,7 +82,9 @@ class Store:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per store")
+    parser.add_argument("--sweeps", type=int, default=3, help="timed sweeps per store")
     args = parser.parse_args()
+    sweep_seconds: dict[str, list[float]] = {"sqlite": [], "server": []}
 
     scratch = Path(tempfile.mkdtemp(prefix="store-cost-", dir="/tmp"))
     scratch.chmod(0o755)  # PostgreSQL's user reaches its cluster inside
@@ -100,6 +107,12 @@ def main() -> None:
                 store.seconds.append(store.call())
         for store in stores:
             store.check()
+        uris = {"sqlite": f"sqlite:///{scratch / 'sweep.db'}", "server": server.uri}
+        for uri in uris.values():  # warm-up: a new SQLite store is created (migrated) first
+            timed_sweep(uri, scratch / "multirun")
+        for _ in range(args.sweeps):
+            for name, uri in uris.items():
+                sweep_seconds[name].append(timed_sweep(uri, scratch / "multirun"))
     finally:
         tracking_server.stop(scratch / "server", port)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -113,10 +126,31 @@ def main() -> None:
         )
     sqlite, server = (store.us_per_metric() for store in stores)
     print(f"  the server costs {server / sqlite:.2f} x SQLite per metric")
+    sweep = {name: statistics.median(values) for name, values in sweep_seconds.items()}
+    print(f"the mission's sweep (3 jobs), {args.sweeps} per store, interleaved: "
+          + ", ".join(f"{name} median {sweep[name]:.2f} s "
+                      f"({' '.join(f'{v:.2f}' for v in values)})"
+                      for name, values in sweep_seconds.items()))
+    print(f"  the server's sweep takes {sweep['server'] / sweep['sqlite']:.2f} x SQLite's")
     print(
         f"RESULT sqlite_us_per_metric={sqlite:.1f} server_us_per_metric={server:.1f} "
-        f"ratio={server / sqlite:.2f}"
+        f"ratio={server / sqlite:.2f} sqlite_sweep_s={sweep['sqlite']:.2f} "
+        f"server_sweep_s={sweep['server']:.2f} "
+        f"sweep_ratio={sweep['server'] / sweep['sqlite']:.2f} load={os.getloadavg()[0]:.2f}"
     )
+
+
+def timed_sweep(uri: str, folder: Path) -> float:
+    """Wall seconds of `python -m src.train -m lambda=0,0.01,0.1` against the store ``uri``."""
+    command = [sys.executable, "-m", "src.train", "-m", "lambda=0,0.01,0.1",
+               f"hydra.sweep.dir={folder / str(time.monotonic_ns())}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"error: the sweep against {uri} failed: {done.stderr.strip()[-500:]}")
+    return seconds
 
 
 if __name__ == "__main__":
