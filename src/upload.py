@@ -5,7 +5,8 @@ A job whose store went away in the middle of its run keeps everything in its out
 store is back, this makes one new run per folder in the store of ``MLFLOW_TRACKING_URI``
 (or the default SQLite store), in the job's experiment, with its name, params, tags, every
 metric at its step, the artifacts and the served model, and ends it FINISHED. The run is
-tagged ``uploaded_from`` with the folder's name, so that it can be told from one logged live.
+tagged ``uploaded_from`` with the folder's name, so that it can be told from one logged live;
+the run the store lost, if the store kept it RUNNING, ends FAILED with a tag naming the new one.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def upload(folder: Path, tracking_uri: str) -> str:
         tracking.end_run(client, run_id, tracking.FAILED, str(error))
         raise
     tracking.end_run(client, run_id, tracking.FINISHED)
+    lost = record.get("run_id")
+    if lost:  # the run the store lost mid-way, if the store kept it, points to this one
+        tracking.end_run(client, lost, tracking.FAILED,
+                         f"the store was lost during the run; logged again as run {run_id}")
     return run_id
 
 
