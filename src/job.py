@@ -231,5 +231,6 @@ def keep_files(
             "params": dict(settings.params),
             "tags": dict(tags),
             "model_step": result.best_step,
+            "run_id": buffer.run_id,  # the run the store lost, if it does
         },
     )
