@@ -7,6 +7,7 @@ into MLflow params, and names tasks, runs and the default tracking store.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -150,6 +151,49 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def config_groups() -> list[str]:
+    """The config groups of conf/ a command line may choose from (``model``, ``experiment``...)."""
+    conf = PROJECT_ROOT / "conf"
+    return sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def did_you_mean(key: str, known: Sequence[str] | None = None) -> str | None:
+    """The known key a mistyped ``key`` most likely meant, or None: ``lamda`` -> ``lambda``,
+    ``patience`` -> ``early_stopping.patience``, ``schedule.decy`` -> ``schedule.decay``.
+
+    ``known`` defaults to the keys of :data:`SCHEMA` and the config groups.
+    """
+    keys = list(known) if known is not None else [*SCHEMA, *config_groups()]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k != key and k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:  # the right name in the wrong place
+        return same_leaf[0]
+    parent = key.rpartition(".")[0]
+
+    def likeness(k: str) -> float:  # beside a sibling, only the last part counts
+        if k.rpartition(".")[0] == parent:
+            return difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio()
+        return difflib.SequenceMatcher(None, key, k).ratio()
+
+    best = max(keys, key=likeness, default=None)
+    if best is not None and likeness(best) >= 0.75:
+        return best
+    leaves: dict[str, str] = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
+    return leaves[close[0]] if close else None
+
+
+def unknown_key(key: str, known: Sequence[str] | None = None) -> str:
+    """The one line refusing an unknown key, with the key it most likely meant if any:
+    ``unknown key 'lamda'; did you mean 'lambda'?``."""
+    meant = did_you_mean(key, known)
+    if meant is not None:
+        return f"unknown key '{key}'; did you mean '{meant}'?"
+    return f"unknown key '{key}' (the keys are listed by `python -m src.train --cfg job`)"
+
+
 def _fail(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}={_show(value)} is refused: {why}")
 
@@ -209,9 +253,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> Settings:
     flat = flatten(to_container(cfg))
     for key in flat:
         if key not in SCHEMA:
-            raise ConfigError(
-                f"unknown key '{key}' (the keys are listed by `python -m src.train --cfg job`)"
-            )
+            raise ConfigError(unknown_key(key))
     for key, kind in SCHEMA.items():
         if key == "model.digits":
             continue  # only the logistic model has digits; checked below
@@ -296,9 +338,28 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> Settings:
 _NOT_IN_RUN_NAME = ("lambda", "lr", "model", "model.name", "experiment", "data.dir")
 
 
-def run_name(settings: Settings, overrides: Sequence[str] = ()) -> str:
+def run_name(
+    settings: Settings, overrides: Sequence[str] = (), swept: Sequence[str] = ()
+) -> str:
     """Name a run by what differs: ``softmax lambda=0.01 lr=0.5`` plus any other override
-    given on the command line or by the sweep (``seed=1``, ``epochs=5`` ...)."""
+    given on the command line (``seed=1``, ``epochs=5`` ...).
+
+    A sweep's job is named by what the sweep varies alone, ``swept`` (its keys):
+    ``lambda=0.01 lr=0.5``; what all its jobs share is in the parent's name. A swept model
+    shows as its task (``softmax``), a key that is no param as the job's override of it.
+    """
+    if swept:
+        given = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
+        named = []
+        for key in dict.fromkeys(k.lstrip("+~") for k in swept):
+            if key in ("model", "model.name", "model.digits"):
+                named.append(settings.task)
+            elif key in settings.params:
+                named.append(f"{key}={settings.params[key]}")
+            elif key in given:
+                named.append(f"{key}={given[key]}")
+        if named:
+            return " ".join(dict.fromkeys(named))
     parts = [settings.task, f"lambda={settings.params['lambda']}", f"lr={settings.params['lr']}"]
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")

@@ -54,7 +54,7 @@ class SweepJob:
     curves : Curves
         Per-evaluation metrics; the comparison uses ``"val/accuracy"``.
     final : dict[str, float]
-        The ``final/*`` and ``best/step`` metrics, plus ``"weights/norm"``.
+        The ``final_*`` and ``best_step`` metrics, plus ``"weights/norm"``.
     weights : ndarray of shape (784,) or (784, k), optional
         The kept weights, for the heatmaps.
     """
@@ -278,7 +278,7 @@ def _final_against(
             mean = np.array([np.mean(p[1]) for p in points])
             low = mean - np.array([np.min(p[1]) for p in points])
             high = np.array([np.max(p[1]) for p in points]) - mean
-            name = metric.split("/")[-1].replace("_", " ")
+            name = metric.split("/")[-1].removeprefix("final_").replace("_", " ")
             group_label = _label(params, others, "")
             ax.errorbar(
                 x,
@@ -606,7 +606,7 @@ def sweep_comparison(jobs: Sequence[SweepJob]) -> Figure:
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(fontsize=7)
 
-    accuracies = [(f"final/{split}_accuracy", SPLIT_COLOURS[split]) for split in SPLITS]
+    accuracies = [(f"final_{split}_accuracy", SPLIT_COLOURS[split]) for split in SPLITS]
     norm = [("weights/norm", "tab:purple")]
     for row, parameter in enumerate(("lambda", "lr")):
         usable = [job for job in jobs if parameter in job.params]

@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # The environment variables that carry the parent run to the jobs (hydra.job.env_set).
 PARENT_RUN_ENV, PARENT_EXPERIMENT_ENV = "MNIST_SWEEP_PARENT_RUN", "MNIST_SWEEP_EXPERIMENT"
+# The keys the sweep varies, comma-separated, by which each job names its run (same way).
+SWEEP_KEYS_ENV = "MNIST_SWEEP_KEYS"
 # Launchers whose jobs may run on other machines, which cannot open a local SQLite file.
 REMOTE_LAUNCHERS = ("SlurmLauncher", "RayLauncher")
-BEST_METRIC = "final/val_loss"  # how the best job of a sweep is chosen (lowest)
+BEST_METRIC = "final_val_loss"  # how the best job of a sweep is chosen (lowest)
 SWEPT_PARAMS = ("lambda", "lr")  # compared on the parent even when not swept
 
 
@@ -95,6 +97,12 @@ def job_parent() -> ParentRef | None:
     if not run_id:
         return None
     return ParentRef(run_id=run_id, experiment_id=os.environ[PARENT_EXPERIMENT_ENV])
+
+
+def job_swept_keys() -> list[str]:
+    """The keys the sweep of the job running now varies (``["lambda", "lr"]``), from its
+    environment; empty outside a sweep."""
+    return [key for key in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if key]
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:
@@ -245,24 +253,31 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
     run_id, exp_id = tracking.start_parent(client, experiment, name, tags)
     parent = ParentRef(run_id=run_id, experiment_id=exp_id)
     try:
-        hand_off(config, parent)
+        hand_off(config, parent, swept=list(swept))
+        share_sweep_view(client, parent, list(swept), BEST_METRIC, minimize=True)
     except Exception as error:
         tracking.end_run(client, run_id, tracking.FAILED, str(error))
         raise
-    log.info("MLflow parent run %s (%s) in experiment %s", run_id, name, experiment)
+    log.info("MLflow parent run %s (%s) in experiment %s; its jobs: %s", run_id, name,
+             experiment, tracking.ui_address(uri, exp_id, view=sweep_view_key(parent)))
     return ActiveSweep(
         tracking_uri=uri, parent=parent, n_expected=expected_jobs(config, jobs), swept=swept
     )
 
 
-def hand_off(config: DictConfig, parent: ParentRef) -> None:
+def hand_off(config: DictConfig, parent: ParentRef, swept: Sequence[str] = ()) -> None:
     """Put the parent's id into every job's config: Hydra composes each job's config from
-    ``hydra.overrides.hydra`` and sets ``hydra.job.env_set`` while the job runs."""
+    ``hydra.overrides.hydra`` and sets ``hydra.job.env_set`` while the job runs. The keys
+    the sweep varies, ``swept``, go along too: each job's run is named by them."""
+    overrides = [
+        f"+hydra.job.env_set.{PARENT_RUN_ENV}={parent.run_id}",
+        f"+hydra.job.env_set.{PARENT_EXPERIMENT_ENV}={parent.experiment_id}",
+    ]
+    if swept:  # quoted: a comma would make each job's override a sweep of its own
+        keys = ",".join(key.lstrip("+~") for key in swept)
+        overrides.append(f"+hydra.job.env_set.{SWEEP_KEYS_ENV}='{keys}'")
     with read_write(config), open_dict(config):
-        config.hydra.overrides.hydra.extend([
-            f"+hydra.job.env_set.{PARENT_RUN_ENV}={parent.run_id}",
-            f"+hydra.job.env_set.{PARENT_EXPERIMENT_ENV}={parent.experiment_id}",
-        ])
+        config.hydra.overrides.hydra.extend(overrides)
 
 
 def _float(value: str | None) -> float | str:
@@ -294,7 +309,7 @@ def sweep_job(client: Any, run: Any, folder: Path) -> Any:
             weights = saved["weights"]
     else:
         log.warning("run %s has no weights artifact", run_id)
-    final = {k: v for k, v in run.data.metrics.items() if k.startswith(("final/", "best/"))}
+    final = {k: v for k, v in run.data.metrics.items() if k.startswith(("final_", "best_"))}
     if weights is not None:
         final["weights/norm"] = float(np.linalg.norm(weights))  # of the weights the run kept
     elif "weights/norm" in curves:
@@ -331,7 +346,7 @@ def summary_rows(children: Sequence[Any], swept: Sequence[str]) -> list[dict[str
         m, p = run.data.metrics, run.data.params
         row = {"job": str(number), "run_name": run.info.run_name, "run_id": run.info.run_id}
         row.update({key: p.get(key, "") for key in swept})
-        for key in ("final/val_accuracy", "final/test_accuracy", "final/val_loss"):
+        for key in ("final_val_accuracy", "final_test_accuracy", "final_val_loss"):
             row[key] = f"{m[key]:.4f}" if key in m else ""
         row["status"] = run.info.status
         row[tracking.ERROR_TAG] = run.data.tags.get(tracking.ERROR_TAG, "")
@@ -379,12 +394,12 @@ def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary
             metrics, params, tags = {}, dict(sweep.swept), {}
             if best is not None:
                 for key in ("val_accuracy", "test_accuracy", "val_loss", "train_accuracy"):
-                    if f"final/{key}" in best.data.metrics:
-                        metrics[f"best/{key}"] = best.data.metrics[f"final/{key}"]
+                    if f"final_{key}" in best.data.metrics:
+                        metrics[f"best_{key}"] = best.data.metrics[f"final_{key}"]
                 for key in swept:
                     value = _float(best.data.params.get(key))
                     if isinstance(value, float) and math.isfinite(value):
-                        metrics[f"best/{key}"] = value
+                        metrics[f"best_{key}"] = value
                 tags = {"best_run_id": best.info.run_id, "best_run_name": best.info.run_name}
                 client.set_tag(best.info.run_id, "best_of_sweep", parent.run_id)
             tracking.log_parent_summary(client, parent.run_id, out, params, metrics, tags)
@@ -412,7 +427,7 @@ def summary_text(sweep: ActiveSweep) -> str:
     summary = sweep.summary
     assert summary is not None
     swept = list(dict.fromkeys([*sweep.swept, *SWEPT_PARAMS]))
-    columns = ["job", *swept, "final/val_accuracy", "final/test_accuracy", "status"]
+    columns = ["job", *swept, "final_val_accuracy", "final_test_accuracy", "status"]
     headers = ["job", *swept, "val acc", "test acc", "status"]
     table = [headers] + [[row.get(c, "") for c in columns] for row in summary.rows]
     widths = [max(len(str(line[i])) for line in table) for i in range(len(headers))]
@@ -422,7 +437,39 @@ def summary_text(sweep: ActiveSweep) -> str:
         lines.append(f"best job: {summary.best} (lowest validation loss)")
     lines.append("parent run: " + tracking.ui_address(
         sweep.tracking_uri, sweep.parent.experiment_id, sweep.parent.run_id))
+    lines.append("its jobs side by side: " + tracking.ui_address(
+        sweep.tracking_uri, sweep.parent.experiment_id, view=sweep_view_key(sweep.parent)))
     return "\n".join(lines)
+
+
+# The once-per-job metrics a sweep's jobs are compared by, as columns of their table.
+VIEW_METRICS = ("final_val_accuracy", "final_test_accuracy", "final_val_loss", "best_step")
+
+
+def sweep_view_key(parent: ParentRef) -> str:
+    """The key of the view of a sweep's jobs (:func:`share_sweep_view`)."""
+    return f"sweep-{parent.run_id}"
+
+
+def share_sweep_view(
+    client: Any, parent: ParentRef, swept: Sequence[str], metric: str, minimize: bool
+) -> None:
+    """Store the view of the sweep's jobs in MLflow's runs table: its children only, with
+    the swept params (and lambda, lr) and the final metrics as columns, the best first."""
+    from src import tracking
+
+    params = []
+    for key in dict.fromkeys([*(k.lstrip("+~") for k in swept), *SWEPT_PARAMS]):
+        params.append("model.name" if key == "model" else key)
+    metrics = list(dict.fromkeys([metric, *VIEW_METRICS]))
+    tracking.share_runs_view(
+        client, parent.experiment_id, sweep_view_key(parent),
+        columns=[*(tracking.column("params", k) for k in dict.fromkeys(params)),
+                 *(tracking.column("metrics", k) for k in metrics)],
+        order_by=tracking.column("metrics", metric),
+        ascending=minimize,
+        search=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+    )
 
 
 def close_active(interrupted: bool) -> None:

@@ -12,6 +12,7 @@ does with it is src/sweep.py's business.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import subprocess
@@ -199,14 +200,60 @@ def cached_data_hash(data_dir: Path) -> str:
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
 
-def ui_address(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The address of an experiment (or one of its runs) in MLflow's UI, in its
-    model-training view: the tracking server's own address, or `mlflow ui`'s default."""
+def ui_address(
+    tracking_uri: str, experiment_id: str, run_id: str | None = None, view: str | None = None
+) -> str:
+    """The address of an experiment's runs table (or one of its runs) in MLflow's UI, in its
+    model-training view: the tracking server's own address, or `mlflow ui`'s default.
+    ``view`` is the key of a view shared by :func:`share_runs_view`."""
     base = safe_uri(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
     path = f"/#/experiments/{experiment_id}"
-    if run_id is not None:
-        path += f"/runs/{run_id}"
-    return f"{base.rstrip('/')}{path}?workflowType=machine_learning"
+    path += f"/runs/{run_id}" if run_id is not None else "/runs"
+    query = "workflowType=machine_learning"
+    if view is not None:
+        query += f"&viewStateShareKey={view}"
+    return f"{base.rstrip('/')}{path}?{query}"
+
+
+def run_address(tracking_uri: str, run_id: str) -> str:
+    """A run's address in MLflow's UI (:func:`ui_address`); the bare run id if the store
+    cannot say which experiment holds it."""
+    try:
+        experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:
+        return run_id
+    return ui_address(tracking_uri, experiment, run_id)
+
+
+# MLflow's UI opens the runs table as a shared view when its address carries
+# `viewStateShareKey=<key>`: the view is the JSON of the experiment's tag of this prefix.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def column(kind: str, key: str) -> str:
+    """A runs-table column as MLflow's UI names it: ``metrics.`final_val_loss```."""
+    return f"{kind}.`{key}`"
+
+
+def share_runs_view(
+    client: MlflowClient,
+    experiment_id: str,
+    key: str,
+    columns: Sequence[str],
+    order_by: str,
+    ascending: bool = True,
+    search: str = "",
+) -> None:
+    """Store a view of the experiment's runs table that ``ui_address(..., view=key)`` opens:
+    the runs matching ``search`` (MLflow's filter syntax), the ``columns``
+    (:func:`column`) beside their names, sorted by the column ``order_by``."""
+    state = {
+        "searchFilter": search,
+        "orderByKey": order_by,
+        "orderByAsc": ascending,
+        "selectedColumns": list(columns),
+    }
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
 
 
 # --------------------------------------------------------------------------- a job's run

@@ -179,7 +179,8 @@ class TrainResult:
     stop_reason : str or None
         Why a callback stopped the run (:class:`StopTraining`), if one did.
     final : dict[str, float]
-        ``final/{train,val,test}_{accuracy,loss}`` on the kept weights, and ``best/step``.
+        ``final_{train,val,test}_{accuracy,loss}`` on the kept weights, and ``best_step``
+        (names without a ``/``: MLflow's UI draws these once-per-run values after the curves).
     """
 
     model: Any
@@ -452,11 +453,11 @@ def train(
     if config.early_stopping:
         model.weights, model.bias, kept = best_weights, best_bias, best_metrics
     final: dict[str, float] = {
-        f"final/{split}_{name}": kept[f"{split}/{name}"]
+        f"final_{split}_{name}": kept[f"{split}/{name}"]
         for split in ("train", "val", "test")
         for name in ("accuracy", "loss")
     }
-    final["best/step"] = best_step
+    final["best_step"] = best_step
     result = TrainResult(
         model=model,
         history=history,

@@ -19,9 +19,11 @@ from src.config import (
     ConfigError,
     config_yaml,
     default_tracking_uri,
+    did_you_mean,
     flatten,
     run_name,
     task_name,
+    unknown_key,
     validate,
 )
 from src.sweep import BASIC_SWEEPER, job_overrides
@@ -88,6 +90,24 @@ def test_run_names_say_what_differs() -> None:
     settings = validate(composed(["lambda=0.1", "seed=2", "model.digits=[4,9]"]))
     assert settings.task == "logistic-4v9"
     assert run_name(settings, overrides) == "logistic-4v9 lambda=0.1 lr=1.0 seed=2"
+
+
+def test_a_sweep_job_is_named_by_what_the_sweep_varies() -> None:
+    settings = validate(composed(["lambda=0.01", "lr=0.5", "epochs=3", "seed=1"]))
+    job = ["lambda=0.01", "lr=0.5", "epochs=3", "seed=1"]
+    assert run_name(settings, job, swept=["lambda", "lr"]) == "lambda=0.01 lr=0.5"
+    assert run_name(settings, job, swept=["seed", "lambda"]) == "seed=1 lambda=0.01"
+    softmax = validate(composed(["model=softmax", "lambda=0"]))
+    assert run_name(softmax, ["model=softmax", "lambda=0"], swept=["model", "lambda"]) == (
+        "softmax lambda=0"
+    )
+    # the value as the params spell it, an unknown swept key as the job's override of it
+    flag = validate(composed(["early_stopping.enabled=False"]))
+    assert run_name(flag, ["early_stopping.enabled=False"], swept=["early_stopping.enabled"]) \
+        == "early_stopping.enabled=false"
+    assert run_name(settings, ["experiment=task2_2"], swept=["experiment"]) == "experiment=task2_2"
+    # nothing swept that the job knows: named as a single run
+    assert run_name(settings, job, swept=["bogus"]) == run_name(settings, job)
 
 
 def test_task_names() -> None:
@@ -161,6 +181,39 @@ def test_a_config_that_makes_no_sense_is_refused_in_one_line(
         validate(composed(overrides))
     message = str(refused.value)
     assert expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("lamda", "lambda"),
+        ("lrr", "lr"),
+        ("epoch", "epochs"),
+        ("batchsize", "batch_size"),
+        ("patience", "early_stopping.patience"),  # the right name in the wrong place
+        ("decay", "schedule.decay"),
+        ("schedule.decy", "schedule.decay"),
+        ("early_stoping.enabled", "early_stopping.enabled"),
+        ("experimnet", "experiment"),  # a config group
+        ("foo", None),
+        ("schedule.warmup", None),  # a sibling that is not like it is no suggestion
+    ],
+)
+def test_a_typo_gets_a_suggestion(key: str, meant: str | None) -> None:
+    assert did_you_mean(key) == meant
+    line = unknown_key(key)
+    if meant is None:
+        assert line.startswith(f"unknown key '{key}' (the keys are listed by")
+    else:
+        assert line == f"unknown key '{key}'; did you mean '{meant}'?"
+
+
+def test_validate_suggests_the_key_a_typo_meant() -> None:
+    with open_dict(cfg := composed()):
+        cfg.lamda = 0.1
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value) == "unknown key 'lamda'; did you mean 'lambda'?"
 
 
 def test_validate_reads_a_plain_mapping_too() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -112,7 +113,10 @@ def test_experiment_composes_with_its_settings_and_sweep(name):
     params = cfg.hydra.sweeper.params
     if expected.swept_lambdas is None:
         assert not params, "a single-run experiment sets no sweep"
+        assert cfg.hydra.mode is None  # one run, unless `-m` says otherwise
     else:
+        # a sweep runs as one without `-m`: the file sets Hydra's mode
+        assert cfg.hydra.mode == RunMode.MULTIRUN
         assert set(params) == {"lambda"}, "the sweep changes lambda only"
         swept = tuple(float(v) for v in str(params["lambda"]).split(","))
         assert swept == expected.swept_lambdas
@@ -164,9 +168,8 @@ def smoke_runs(tmp_path_factory):
     started = {}
     for name in EXPECTED:
         store = f"sqlite:///{root / f'{name}.db'}"
+        # no `-m` for the sweeps: the experiment file makes them one (hydra.mode: MULTIRUN)
         command = [sys.executable, "-m", "src.train"]
-        if EXPECTED[name].swept_lambdas is not None:
-            command.append("-m")
         command += [
             f"experiment={name}",
             "epochs=1",
@@ -251,6 +254,10 @@ def test_sweep_experiment_logs_a_parent_with_one_child_per_lambda(smoke_runs, na
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
     lambdas = sorted(float(run.data.params["lambda"]) for run in children)
     assert lambdas == sorted(EXPECTED[name].swept_lambdas)
+    # named by what the sweep varies
+    assert {run.info.run_name for run in children} == {
+        f"lambda={run.data.params['lambda']}" for run in children
+    }
     for child in children:
         _check_child(client, child, EXPECTED[name].model, tmp_path)
     assert parent.info.status == "FINISHED"

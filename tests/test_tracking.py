@@ -4,6 +4,7 @@ runs that end however the job ends, files kept when the store fails, sweep paren
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_a_store_that_fails_mid_run_stops_the_training_and_keeps_its_files(
     assert "\n" not in line
     # the training stopped at the evaluation that found the store broken, not after 300
     rows = artifacts.read_metrics(folder)
-    assert {key for key, *_ in rows} >= {"val/loss", "final/val_accuracy"}
+    assert {key for key, *_ in rows} >= {"val/loss", "final_val_accuracy"}
     assert max(step for key, _, _, step in rows if key == "val/loss") < 300
     kept = folder / artifacts.ARTIFACTS_DIR
     for name in ("weights/weights.npz", "plots/loss_curves.png", "config/config.yaml"):
@@ -195,7 +196,69 @@ def test_experiments_open_in_the_model_training_view(tracking_uri: str) -> None:
     assert address == (
         f"http://127.0.0.1:5001/#/experiments/{exp}/runs/r1?workflowType=machine_learning"
     )
-    assert tracking.ui_address(tracking_uri, exp).startswith(tracking.MLFLOW_UI)
+    assert tracking.ui_address(tracking_uri, exp) == (
+        f"{tracking.MLFLOW_UI}/#/experiments/{exp}/runs?workflowType=machine_learning"
+    )
+    run_id = client.create_run(exp).info.run_id
+    assert tracking.run_address(tracking_uri, run_id) == tracking.ui_address(
+        tracking_uri, exp, run_id
+    )
+
+
+def test_a_shared_view_opens_the_runs_table_with_its_columns(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    exp = tracking.experiment_id(client, "e")
+    columns = [tracking.column("params", "lambda"), tracking.column("metrics", "final_val_loss")]
+    tracking.share_runs_view(client, exp, "k1", columns, columns[1], search="tags.x = '1'")
+    view = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.k1"])
+    assert view == {
+        "searchFilter": "tags.x = '1'",
+        "orderByKey": "metrics.`final_val_loss`",
+        "orderByAsc": True,
+        "selectedColumns": ["params.`lambda`", "metrics.`final_val_loss`"],
+    }
+    assert tracking.ui_address(tracking_uri, exp, view="k1").endswith(
+        f"/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=k1"
+    )
+
+
+def test_a_job_reads_the_keys_its_sweep_varies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sweep.SWEEP_KEYS_ENV, raising=False)
+    assert sweep.job_swept_keys() == []
+    monkeypatch.setenv(sweep.SWEEP_KEYS_ENV, "lambda,lr")
+    assert sweep.job_swept_keys() == ["lambda", "lr"]
+
+
+def test_the_sweep_hands_its_keys_to_the_jobs_as_one_override() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"hydra": {"overrides": {"hydra": []}}})
+    sweep.hand_off(config, sweep.ParentRef("p1", "7"), swept=["lambda", "+lr"])
+    (handed,) = [o for o in config.hydra.overrides.hydra if sweep.SWEEP_KEYS_ENV in o]
+    # quoted: a comma would make the job's override a sweep of its own
+    (parsed,) = OverridesParser.create().parse_overrides([handed])
+    assert not parsed.is_sweep_override() and parsed.value() == "lambda,lr"
+
+
+def test_the_early_stop_line_says_when_and_which_weights_were_kept() -> None:
+    from src.training import TrainResult
+
+    history = [evaluation(step) for step in (5, 10, 15, 20, 25)]
+
+    def result(stopped_early: bool, reason: str | None = None) -> TrainResult:
+        return TrainResult(model=None, history=history, best_step=10,
+                           stopped_early=stopped_early, final={}, stop_reason=reason)
+
+    assert job.stop_line(result(True), patience=3) == (
+        "early stopping at epoch 2.50, after 3 rising validation losses in a row; kept the "
+        "weights of step 10 (epoch 1.00), the lowest validation loss"
+    )
+    assert job.stop_line(result(False), patience=3) is None  # it ran all its epochs
+    stopped = job.stop_line(result(False, "the store failed"), patience=3)
+    assert stopped == "training stopped at epoch 2.50: the store failed"
+    empty = TrainResult(model=None, history=[], best_step=0, stopped_early=False, final={})
+    assert job.stop_line(empty, patience=3) is None
 
 
 def test_ending_a_run_records_the_reason_once(tracking_uri: str) -> None:
@@ -229,8 +292,8 @@ def _child(client: MlflowClient, parent: sweep.ParentRef, lam: float, folder: Pa
     client.log_batch(
         run_id,
         metrics=[Metric("val/accuracy", 0.5 + s / 100, 0, s) for s in (5, 10, 15)]
-        + [Metric("final/val_accuracy", 0.6 + lam, 0, 10), Metric("best/step", 10, 0, 10),
-           Metric("final/val_loss", 1 - lam, 0, 10), Metric("final/test_accuracy", 0.5, 0, 10)],
+        + [Metric("final_val_accuracy", 0.6 + lam, 0, 10), Metric("best_step", 10, 0, 10),
+           Metric("final_val_loss", 1 - lam, 0, 10), Metric("final_test_accuracy", 0.5, 0, 10)],
     )
     params = {"lambda": str(lam), "lr": "0.5", "seed": "0", "model.name": "logistic"}
     for key, value in params.items():
@@ -266,9 +329,11 @@ def test_finishing_a_sweep_draws_the_comparison_and_gives_the_parent_the_best_jo
     assert (summary.n_jobs, summary.n_failed, summary.first_error) == (3, 1, "diverged")
     run = client.get_run(parent.run_id)
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("1 of 3 jobs")
-    assert run.data.metrics["best/val_loss"] == pytest.approx(0.9)
-    assert run.data.metrics["best/lambda"] == pytest.approx(0.1)
-    assert run.data.metrics["best/val_accuracy"] == pytest.approx(0.7)
+    # once-per-run values, named without a '/': MLflow's UI draws them after the curves
+    assert run.data.metrics["best_val_loss"] == pytest.approx(0.9)
+    assert run.data.metrics["best_lambda"] == pytest.approx(0.1)
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(0.7)
+    assert not [key for key in run.data.metrics if "/" in key]
     assert run.data.params["lambda"] == "0.01,0.1,0.2"
     assert run.data.tags["best_run_id"] == best
     assert client.get_run(best).data.tags["best_of_sweep"] == parent.run_id

@@ -9,6 +9,7 @@ leaves no run RUNNING.
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import subprocess
 import time
@@ -30,9 +31,10 @@ PER_STEP = [
     "lr",
     "weights/norm",
 ]
+# once per run, named without a '/': MLflow's UI draws them after the curves' sections
 FINAL = [
-    f"final/{split}_{kind}" for split in ("train", "val", "test") for kind in ("accuracy", "loss")
-] + ["best/step"]
+    f"final_{split}_{kind}" for split in ("train", "val", "test") for kind in ("accuracy", "loss")
+] + ["best_step"]
 RUN_ARTIFACTS = {
     "plots/loss_curves.png",
     "plots/accuracy_curves.png",
@@ -100,8 +102,18 @@ def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
         assert these == steps, name
     for name in FINAL:
         assert name in run.data.metrics, name
-    assert run.data.metrics["best/step"] in steps
-    assert run.data.metrics["final/test_accuracy"] > 0.9
+    assert run.data.metrics["best_step"] in steps
+    assert run.data.metrics["final_test_accuracy"] > 0.9
+    assert not [key for key in run.data.metrics if key not in PER_STEP and "/" in key]
+
+    # the closing line opens the run in MLflow's model-training view
+    closing = [line for line in done.stdout.splitlines() if "val accuracy" in line]
+    assert len(closing) == 1 and closing[0].endswith(
+        f"#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+        "?workflowType=machine_learning"
+    ), done.stdout
+    # MLflow's INFO lines about checking the input example stay off the console
+    assert "input example" not in (done.stdout + done.stderr).lower()
 
     assert all_artifacts(client, run.info.run_id) == RUN_ARTIFACTS
 
@@ -119,8 +131,8 @@ def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
     (logged,) = mlflow.search_logged_models([experiment.experiment_id], output_format="list")
     assert logged.source_run_id == run.info.run_id and logged.name == "model"
     linked = {m.key: m.step for m in logged.metrics or []}
-    best = int(run.data.metrics["best/step"])
-    assert linked["val/loss"] == best and linked["final/test_accuracy"] == best
+    best = int(run.data.metrics["best_step"])
+    assert linked["val/loss"] == best and linked["final_test_accuracy"] == best
 
 
 def test_multirun_nests_three_jobs_under_one_parent(
@@ -142,11 +154,37 @@ def test_multirun_nests_three_jobs_under_one_parent(
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(float(c.data.params["lambda"]) for c in children) == [0.0, 0.01, 0.1]
-    assert {c.info.run_name for c in children} == {
-        f"softmax lambda={lam} lr=1.0 epochs=3 evals_per_epoch=2 batch_size=20 "
-        "early_stopping.enabled=false"
-        for lam in ("0", "0.01", "0.1")
-    }
+    # a child is named by what the sweep varies; what they share is in the parent's name
+    assert {c.info.run_name for c in children} == {"lambda=0", "lambda=0.01", "lambda=0.1"}
+    assert parent.info.run_name == "softmax sweep lambda=0,0.01,0.1"
+
+    # the parent can be sorted and compared: the best child's metrics, the swept values
+    best = min(children, key=lambda c: c.data.metrics["final_val_loss"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert best.data.tags["best_of_sweep"] == parent.info.run_id
+    assert parent.data.params["lambda"] == "0,0.01,0.1"
+    for key in ("val_accuracy", "test_accuracy", "val_loss", "train_accuracy"):
+        assert parent.data.metrics[f"best_{key}"] == best.data.metrics[f"final_{key}"], key
+    assert parent.data.metrics["best_lambda"] == float(best.data.params["lambda"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # the sweep ends with a table of its jobs, the best one and the parent's address
+    tail = done.stderr.strip().splitlines()
+    header = next(i for i, line in enumerate(tail) if line.startswith("job "))
+    assert tail[header].split() == ["job", "lambda", "lr", "val", "acc", "test", "acc", "status"]
+    rows = [line.split() for line in tail[header + 1 : header + 4]]
+    assert [row[1] for row in rows] == ["0", "0.01", "0.1"]
+    assert all(row[-1] == "FINISHED" for row in rows)
+    assert f"best job: {best.info.run_name} (lowest validation loss)" in tail
+    address = f"#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+    assert f"parent run: http://127.0.0.1:5000/{address}?workflowType=machine_learning" in tail
+    # and a link to its jobs side by side: a view MLflow's UI opens from the experiment's tag
+    (jobs_line,) = [line for line in tail if line.startswith("its jobs side by side: ")]
+    key = jobs_line.rpartition("viewStateShareKey=")[2]
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+    assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    assert view["orderByKey"] == "metrics.`final_val_loss`" and view["orderByAsc"] is True
+    assert {"params.`lambda`", "metrics.`final_val_accuracy`"} <= set(view["selectedColumns"])
 
     assert PARENT_ARTIFACTS <= all_artifacts(client, parent.info.run_id)
     table = client.download_artifacts(parent.info.run_id, "tables/sweep_summary.csv", tmp_path)
@@ -225,6 +263,9 @@ REFUSED = {
     "unknown key": (["foo=1"], "unknown key 'foo'"),
     "unknown key added": (["+foo=1"], "unknown key 'foo'"),
     "unknown nested key": (["schedule.bogus=1"], "unknown key 'schedule.bogus'"),
+    "a typo": (["lamda=0.1"], "unknown key 'lamda'; did you mean 'lambda'?"),
+    "a typo added": (["+lamda=0.1"], "unknown key 'lamda'; did you mean 'lambda'?"),
+    "a nested typo": (["schedule.decy=1"], "did you mean 'schedule.decay'?"),
     "not a number": (["lr=fast"], "lr=fast"),
     "sweep with a refused job": (["-m", "lambda=0.1,-1"], "lambda=-1"),
     "sweep with an unknown model": (["-m", "model=logistic,perceptron"], "model=perceptron"),
@@ -340,7 +381,6 @@ def test_ctrl_c_ends_the_runs_killed(
 def test_the_dvc_train_stage_writes_what_dvc_yaml_declares(
     tiny_data: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
-    import json
     import sys
 
     import yaml
@@ -360,15 +400,24 @@ def test_the_dvc_train_stage_writes_what_dvc_yaml_declares(
     )
     assert done.returncode == 0, done.stderr
 
-    metrics = json.loads((reports / "metrics.json").read_text())
-    assert set(metrics) == {"logistic-2v3", "softmax"}
-    for task in metrics.values():
-        assert set(task) == {f"{s}_{k}" for s in ("train", "val", "test")
-                             for k in ("accuracy", "loss")} | {"best_step"}
+    # one small file per task: `dvc metrics show` prints a row of three columns for each
+    files = sorted(p.name for p in (reports / "metrics").iterdir())
+    assert files == ["logistic-2v3.json", "softmax.json"]
+    for name in files:
+        metrics = json.loads((reports / "metrics" / name).read_text())
+        assert list(metrics) == ["test_accuracy", "val_accuracy", "best_step"]
+        assert isinstance(metrics["best_step"], int)
+        assert all(v == float(f"{v:.4g}") for v in metrics.values())  # 4 significant digits
     rows = (reports / "plots" / "logistic-2v3.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,train_loss,train_accuracy,val_loss,val_accuracy," \
         "test_loss,test_accuracy"
     assert len(rows) == 1 + 6  # 3 epochs, 2 evaluations each
+    # 4 significant digits: the last digits of a float32 loss differ between CPUs
+    for row in rows[1:]:
+        for value in row.split(",")[2:]:
+            assert float(value) == float(f"{float(value):.4g}"), value
+    (closing,) = [line for line in done.stdout.splitlines() if line.startswith("logistic-2v3")]
+    assert "?workflowType=machine_learning" in closing
 
     runs = all_runs(MlflowClient(tracking_uri))
     assert sorted(r.data.tags["task"] for r in runs) == ["logistic-2v3", "softmax"]
@@ -377,10 +426,20 @@ def test_the_dvc_train_stage_writes_what_dvc_yaml_declares(
     stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     train = stage["stages"]["train"]
     assert train["cmd"] == "python -m src.stage"
-    assert [next(iter(m)) for m in train["metrics"]] == ["reports/metrics.json"]
-    assert [next(iter(p)) for p in train["plots"]] == ["reports/plots"]
-    plotted = {path for plot in stage["plots"] for spec in plot.values() for path in spec["y"]}
+    assert train["metrics"] == [{"reports/metrics": {"cache": False}}]
+    # the curves are an output, not a plot of the stage: DVC would draw each of their
+    # columns against the row number beside the four plots below
+    assert "plots" not in train
+    assert {"reports/plots": {"cache": False}} in train["outs"]
+    plots = [spec for plot in stage["plots"] for spec in plot.values()]
+    assert len(plots) == 4
+    plotted = {path for spec in plots for path in spec["y"]}
     assert plotted == {"reports/plots/logistic-2v3.csv", "reports/plots/softmax.csv"}
+    for spec in plots:
+        assert spec["x"] == "epoch" and spec["x_label"] == "epoch"
+        assert spec["y_label"].startswith(("accuracy", "cross-entropy")) and spec["title"]
+        (columns,) = spec["y"].values()
+        assert set(columns) <= set(rows[0].split(","))
     assert {"data/processed", "conf", "src"} <= set(train["deps"])
 
 

@@ -210,9 +210,9 @@ def test_early_stopping_fires_after_patience_rising_evaluations_and_restores_bes
     assert result.best_step == result.history[0].step == 1
     np.testing.assert_array_equal(result.model.weights, recorder.weights[0])
     assert result.model.bias == recorder.biases[0]
-    assert result.final["best/step"] == 1
-    assert result.final["final/val_loss"] == val_losses[0]
-    assert result.final["final/test_accuracy"] == result.history[0].metrics["test/accuracy"]
+    assert result.final["best_step"] == 1
+    assert result.final["final_val_loss"] == val_losses[0]
+    assert result.final["final_test_accuracy"] == result.history[0].metrics["test/accuracy"]
 
 
 def expected_stop(val_losses: list[float], patience: int) -> int | None:
@@ -261,8 +261,8 @@ def test_without_early_stopping_all_epochs_run_and_the_last_weights_are_kept():
     assert result.best_step == result.history[0].step  # still reported
     np.testing.assert_array_equal(result.model.weights, recorder.weights[-1])
     last = result.history[-1].metrics
-    assert result.final["final/train_loss"] == last["train/loss"]
-    assert result.final["final/val_accuracy"] == last["val/accuracy"]
+    assert result.final["final_train_loss"] == last["train/loss"]
+    assert result.final["final_val_accuracy"] == last["val/accuracy"]
 
 
 # --- reproducibility, divergence, learning ----------------------------------------------
@@ -305,8 +305,8 @@ def test_separable_problem_is_learned_to_100_percent(model_class):
     model = model_class(20) if n_classes == 2 else model_class(20, n_classes)
     config = TrainConfig(lr=1.0, batch_size=16, epochs=30, evals_per_epoch=2)
     result = train(model, separable_splits(n_classes), config)
-    assert result.final["final/train_accuracy"] == 1.0
-    assert result.final["final/test_accuracy"] == 1.0
+    assert result.final["final_train_accuracy"] == 1.0
+    assert result.final["final_test_accuracy"] == 1.0
     assert result.history[-1].metrics["train/loss"] < result.history[0].metrics["train/loss"]
 
 
