@@ -172,3 +172,19 @@ def write_sweep_figures(folder: Path, jobs: Sequence[Any]) -> None:
         figures["weights_by_lambda.png"] = plots.weights_side_by_side
     for name, draw in figures.items():
         save(draw(jobs), folder / "plots" / name)
+
+
+def write_search_figures(
+    folder: Path, trials: Mapping[str, np.ndarray], metric: str, minimize: bool
+) -> None:
+    """A search's figures under ``folder/plots``: the optimisation history and the search
+    space explored. ``trials`` holds ``value`` (the metric of each trial, NaN if it failed)
+    and one array per searched parameter (``lr``, ``lambda``)."""
+    from src import plots
+
+    values = np.asarray(trials["value"], dtype=np.float64)
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in trials.items() if k != "value"}
+    save(plots.optimization_history(values, metric, minimize),
+         folder / "plots" / "optimization_history.png")
+    save(plots.search_space(params, values, metric, minimize),
+         folder / "plots" / "search_space.png")

@@ -23,6 +23,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("logistic", "softmax")
 SCHEDULES = ("exponential", "constant")
 SCHEDULE_UNITS = ("epoch", "step")
+# What a sweep may choose its best job by (``optimized_metric``, the job's ``final_<name>``
+# metric), and which way: a search optimises it, every sweep registers its best job's model.
+OPTIMIZED_METRICS = {"val_loss": "minimize", "val_accuracy": "maximize"}
 
 # Every key a job config may hold (after `hydra` is stripped), with its kind. A key outside
 # this map, e.g. from `+foo=1`, is refused like any other unknown key.
@@ -44,6 +47,8 @@ SCHEMA: dict[str, str] = {
     "data.dir": "str",
     "mlflow.tracking_uri": "str?",
     "mlflow.experiment_name": "str?",
+    "optimized_metric": "str",
+    "register": "bool",
 }
 
 # Keys that say where things live rather than what is trained: kept out of MLflow params
@@ -55,6 +60,15 @@ def _register_resolvers() -> None:
     # `${root:}` is the project root, so paths in conf/ are absolute whatever the cwd.
     if not OmegaConf.has_resolver("root"):
         OmegaConf.register_new_resolver("root", lambda: str(PROJECT_ROOT))
+    # `${metric_direction:${optimized_metric}}`: the Optuna sweeper's direction
+    if not OmegaConf.has_resolver("metric_direction"):
+        OmegaConf.register_new_resolver("metric_direction", metric_direction)
+
+
+def metric_direction(name: str) -> str:
+    """``minimize`` for ``val_loss``, ``maximize`` for ``val_accuracy`` (an unknown name is
+    refused by :func:`validate`)."""
+    return OPTIMIZED_METRICS.get(str(name), "minimize")
 
 
 _register_resolvers()
@@ -86,6 +100,10 @@ class Settings:
         MLflow experiment of the run.
     params : dict of str to str
         The flattened, resolved config as MLflow params.
+    optimized_metric : str
+        What a sweep chooses its best job by: ``val_loss`` (lowest) or ``val_accuracy``.
+    register : bool
+        Register a single run's model in the Model Registry (a sweep registers its best).
     """
 
     model: str
@@ -96,6 +114,8 @@ class Settings:
     tracking_uri: str
     experiment_name: str
     params: dict[str, str]
+    optimized_metric: str = "val_loss"
+    register: bool = False
 
     @property
     def task(self) -> str:
@@ -295,6 +315,11 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> Settings:
             flat["limit_train"] is None or flat["limit_train"] >= 1,
             "the training-set limit must be >= 1 (or null for all)",
         ),
+        (
+            "optimized_metric",
+            flat["optimized_metric"] in OPTIMIZED_METRICS,
+            f"choose from {', '.join(OPTIMIZED_METRICS)}",
+        ),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -331,11 +356,15 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> Settings:
         tracking_uri=tracking_uri,
         experiment_name=experiment_name,
         params=params,
+        optimized_metric=flat["optimized_metric"],
+        register=flat["register"],
     )
 
 
 # Overrides that say where things live or what the run name already says.
-_NOT_IN_RUN_NAME = ("lambda", "lr", "model", "model.name", "experiment", "data.dir")
+_NOT_IN_RUN_NAME = (
+    "lambda", "lr", "model", "model.name", "experiment", "hparams_search", "data.dir",
+)
 
 
 def run_name(

@@ -11,6 +11,12 @@ children a killed process left RUNNING, draws the comparison, gives the parent t
 child's metrics and params, and closes it. The job wrapper in src/train.py catches every
 job's failure, so Hydra always reaches ``on_multirun_end``; the entry point still closes a
 parent left open by an interrupt or a bug (:func:`close_active`).
+
+A search (``hparams_search=optuna``, any sweeper but the grid's) samples its jobs as it goes:
+only the fixed part of its config is checked first, a trial whose sampled values are refused
+is a FAILED child, the task returns :func:`trial_value` to the sweeper, and the parent also
+gets the optimisation history and the search space as figures. Every sweep ends by
+registering its best job's model (src/registry.py).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from src.config import ConfigError, Settings, validate
+from src.config import ConfigError, Settings, metric_direction, validate
 from src.data import PROCESSED_FILE, DataError
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,8 @@ PARENT_RUN_ENV, PARENT_EXPERIMENT_ENV = "MNIST_SWEEP_PARENT_RUN", "MNIST_SWEEP_E
 SWEEP_KEYS_ENV = "MNIST_SWEEP_KEYS"
 # Launchers whose jobs may run on other machines, which cannot open a local SQLite file.
 REMOTE_LAUNCHERS = ("SlurmLauncher", "RayLauncher")
-BEST_METRIC = "final_val_loss"  # how the best job of a sweep is chosen (lowest)
+BEST_METRIC = "final_val_loss"  # how the best job of a sweep is chosen, unless configured
+# (optimized_metric: val_loss, the lowest; val_accuracy, the highest)
 SWEPT_PARAMS = ("lambda", "lr")  # compared on the parent even when not swept
 
 
@@ -62,6 +69,7 @@ class SweepSummary:
     first_error: str | None
     rows: list[dict[str, str]] = field(default_factory=list)
     best: str | None = None  # the best child's run name
+    registered: str | None = None  # what the Model Registry did with the best child's model
 
 
 @dataclass
@@ -74,6 +82,9 @@ class ActiveSweep:
     swept: dict[str, str]
     summary: SweepSummary | None = None
     error: str | None = None  # why the parent could not be finished
+    metric: str = BEST_METRIC  # the best job's: the lowest value, or the highest if not minimize
+    minimize: bool = True
+    search: bool = False  # sampled by a sweeper (Optuna), not a grid
 
 
 ACTIVE: ActiveSweep | None = None
@@ -89,6 +100,50 @@ class SweepRefused(BaseException):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+class TrialFailed(Exception):
+    """Raised by the Hydra task for a search's trial that failed: the sweeper marks the
+    trial FAILED and goes on (its MLflow run has ended FAILED with the reason already)."""
+
+
+def is_search(sweeper: Any) -> bool:
+    """Whether ``hydra.sweeper`` samples its jobs (Optuna...) rather than expanding a grid."""
+    target = OmegaConf.select(sweeper, "_target_") if sweeper is not None else None
+    return target not in (None, BASIC_SWEEPER)
+
+
+def metric_key(name: str) -> str:
+    """The job metric that ``optimized_metric`` names: ``val_loss`` -> ``final_val_loss``."""
+    return f"final_{name}"
+
+
+def trial_value(final: dict[str, float] | None, optimized_metric: str) -> float:
+    """What a search's task returns: the job's ``final_<optimized_metric>``.
+
+    Raises
+    ------
+    TrialFailed
+        The job failed (or has no such metric): optuna<3 takes a NaN for a bug, not a
+        failed trial, and would stop the search.
+    """
+    value = None if final is None else final.get(metric_key(optimized_metric))
+    if value is None or not math.isfinite(value):
+        raise TrialFailed("the trial failed; its MLflow run ended FAILED with the reason")
+    return float(value)
+
+
+def finish_search_on_error(error: Exception) -> bool:
+    """Finish a search whose sweeper stopped on ``error`` after its trials (optuna<3 raises
+    when no trial completed): the parent gets what the children did. False if there is no
+    such search open."""
+    if ACTIVE is None or ACTIVE.summary is not None or not ACTIVE.search:
+        return False
+    from src.errors import one_line
+
+    log.error("the search stopped: %s", one_line(error))
+    ACTIVE.summary = finish_parent(ACTIVE)
+    return True
 
 
 def job_parent() -> ParentRef | None:
@@ -180,13 +235,16 @@ def remote_launcher(config: DictConfig) -> str | None:
     return name
 
 
-def sweep_name(jobs: list[Settings], swept: dict[str, str]) -> tuple[str, str]:
+def sweep_name(
+    jobs: list[Settings], swept: dict[str, str], search: bool = False
+) -> tuple[str, str]:
     """The parent's experiment (the jobs' one, or their names joined by '+') and run name."""
     names = sorted({s.experiment_name for s in jobs})
     experiment = names[0] if len(names) == 1 else "+".join(names)
     tasks = sorted({s.task for s in jobs})
     varied = [f"{key}={value}" for key, value in swept.items()]
-    return experiment, " ".join(["+".join(tasks), "sweep", *varied]).strip()
+    kind = "search" if search else "sweep"
+    return experiment, " ".join(["+".join(tasks), kind, *varied]).strip()
 
 
 def expected_jobs(config: DictConfig, jobs: Sequence[Settings]) -> int:
@@ -233,6 +291,10 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
     if len({s.tracking_uri for s in jobs}) != 1:
         raise ConfigError("mlflow.tracking_uri must be the same for every job of a sweep")
     uri = jobs[0].tracking_uri
+    if len({s.optimized_metric for s in jobs}) != 1:
+        raise ConfigError("optimized_metric must be the same for every job of a sweep")
+    metric = jobs[0].optimized_metric
+    search = is_search(OmegaConf.select(config, "hydra.sweeper"))
     remote = remote_launcher(config)
     if remote is not None and uri.startswith("sqlite:"):
         raise ConfigError(
@@ -244,7 +306,7 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
 
     client = tracking.open_store(uri)
     swept = swept_values(config)
-    experiment, name = sweep_name(jobs, swept)
+    experiment, name = sweep_name(jobs, swept, search)
     tags = {
         "git_commit": tracking.git_commit(),
         "overrides": " ".join(sweep_arguments(config)) or "(none)",
@@ -254,14 +316,17 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
     parent = ParentRef(run_id=run_id, experiment_id=exp_id)
     try:
         hand_off(config, parent, swept=list(swept))
-        share_sweep_view(client, parent, list(swept), BEST_METRIC, minimize=True)
+        share_sweep_view(client, parent, list(swept), metric_key(metric),
+                         metric_direction(metric) == "minimize")
     except Exception as error:
         tracking.end_run(client, run_id, tracking.FAILED, str(error))
         raise
     log.info("MLflow parent run %s (%s) in experiment %s; its jobs: %s", run_id, name,
              experiment, tracking.ui_address(uri, exp_id, view=sweep_view_key(parent)))
     return ActiveSweep(
-        tracking_uri=uri, parent=parent, n_expected=expected_jobs(config, jobs), swept=swept
+        tracking_uri=uri, parent=parent, n_expected=expected_jobs(config, jobs), swept=swept,
+        metric=metric_key(metric), minimize=metric_direction(metric) == "minimize",
+        search=search,
     )
 
 
@@ -328,13 +393,58 @@ def sweep_job(client: Any, run: Any, folder: Path) -> Any:
     )
 
 
-def best_child(children: Sequence[Any], metric: str = BEST_METRIC) -> Any | None:
-    """The finished child with the lowest ``metric``; None if no child has it."""
+def best_child(
+    children: Sequence[Any], metric: str = BEST_METRIC, minimize: bool = True
+) -> Any | None:
+    """The finished child with the lowest ``metric`` (the highest if not ``minimize``);
+    None if no child has it."""
     from src import tracking
 
     scored = [r for r in children
               if r.info.status == tracking.FINISHED and metric in r.data.metrics]
-    return min(scored, key=lambda r: r.data.metrics[metric], default=None)
+    sign = 1.0 if minimize else -1.0
+    return min(scored, key=lambda r: sign * r.data.metrics[metric], default=None)
+
+
+def search_trials(children: Sequence[Any], metric: str) -> dict[str, Any]:
+    """A search's trials in order, as arrays for its figures: ``value`` (the optimised
+    metric; NaN for a trial that failed), ``lr`` and ``lambda`` (NaN where not recorded)."""
+    import numpy as np
+
+    from src import tracking
+
+    def number(run: Any, key: str) -> float:
+        value = _float(run.data.params.get(key))
+        return value if isinstance(value, float) else math.nan
+
+    finished = [r.info.status == tracking.FINISHED for r in children]
+    return {
+        "value": np.array([r.data.metrics.get(metric, math.nan) if ok else math.nan
+                           for r, ok in zip(children, finished, strict=True)]),
+        "lr": np.array([number(r, "lr") for r in children]),
+        "lambda": np.array([number(r, "lambda") for r in children]),
+    }
+
+
+def register_best(client: Any, best: Any, parent: ParentRef) -> str:
+    """Register the best child's model under its experiment's name; the line saying what
+    the registry did (an error is that line too: the sweep itself is done)."""
+    from src import registry
+    from src.errors import one_line
+
+    name = client.get_experiment(parent.experiment_id).name
+    try:
+        metrics = best.data.metrics
+        done = registry.register_run(
+            client, best.info.run_id, name, metrics[metric_key("val_accuracy")],
+            metrics.get(metric_key("test_accuracy")), parent_run_id=parent.run_id,
+        )
+    except Exception as error:
+        line = f"the best job's model was not registered: {one_line(error)}"
+        log.error("%s", line)
+        return line
+    client.set_tag(parent.run_id, "registered_model", f"{done.name}/{done.version}")
+    return done.line()
 
 
 def summary_rows(children: Sequence[Any], swept: Sequence[str]) -> list[dict[str, str]]:
@@ -380,7 +490,8 @@ def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary
         first_error = f"{n_jobs - len(runs)} jobs recorded no run (see their logs)"
     swept = list(dict.fromkeys([*sweep.swept, *SWEPT_PARAMS]))
     rows = summary_rows(runs, swept)
-    best = best_child(runs)
+    best = best_child(runs, sweep.metric, sweep.minimize)
+    registered = None
     try:
         with tempfile.TemporaryDirectory(prefix="mnist-sweep-") as tmp:
             folder = Path(tmp)
@@ -388,6 +499,11 @@ def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary
             jobs = [job for r in runs if r.info.status == tracking.FINISHED
                     if (job := sweep_job(client, r, folder / "download")) is not None]
             artifacts.write_sweep_figures(out, jobs)
+            if sweep.search and runs:
+                trials = search_trials(runs, sweep.metric)
+                artifacts.write_search_figures(
+                    out, trials, sweep.metric.removeprefix("final_"), sweep.minimize
+                )
             columns = list(rows[0]) if rows else ["job", "run_name", "status"]
             artifacts.write_table(out / "tables" / "sweep_summary.csv", columns,
                                   [list(row.values()) for row in rows])
@@ -403,6 +519,8 @@ def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary
                 tags = {"best_run_id": best.info.run_id, "best_run_name": best.info.run_name}
                 client.set_tag(best.info.run_id, "best_of_sweep", parent.run_id)
             tracking.log_parent_summary(client, parent.run_id, out, params, metrics, tags)
+            if best is not None and not interrupted:
+                registered = register_best(client, best, parent)
     finally:
         if interrupted:
             tracking.end_run(client, parent.run_id, tracking.KILLED, "interrupted")
@@ -415,7 +533,7 @@ def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary
             tracking.end_run(client, parent.run_id, tracking.FINISHED)
     return SweepSummary(
         n_jobs=n_jobs, n_failed=n_failed, first_error=first_error, rows=rows,
-        best=best.info.run_name if best is not None else None,
+        best=best.info.run_name if best is not None else None, registered=registered,
     )
 
 
@@ -434,7 +552,11 @@ def summary_text(sweep: ActiveSweep) -> str:
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
              for line in table]
     if summary.best is not None:
-        lines.append(f"best job: {summary.best} (lowest validation loss)")
+        way = "lowest" if sweep.minimize else "highest"
+        what = sweep.metric.removeprefix("final_").replace("val_", "validation ")
+        lines.append(f"best job: {summary.best} ({way} {what})")
+    if summary.registered is not None:
+        lines.append(summary.registered)
     lines.append("parent run: " + tracking.ui_address(
         sweep.tracking_uri, sweep.parent.experiment_id, sweep.parent.run_id))
     lines.append("its jobs side by side: " + tracking.ui_address(

@@ -141,7 +141,10 @@ def _register(settings: Settings, run_id: str, final: dict[str, float]) -> None:
 
     client = tracking.open_store(settings.tracking_uri)
     try:
-        done = registry.register_run(client, run_id, settings.experiment_name, final)
+        done = registry.register_run(
+            client, run_id, settings.experiment_name, final[sweep.metric_key("val_accuracy")],
+            final.get(sweep.metric_key("test_accuracy")),
+        )
     except Exception as error:
         raise TrackingError(
             f"the model of run {run_id} was not registered: {one_line(error)}"
@@ -188,7 +191,7 @@ def _record_failed(
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> dict[str, float] | float | None:
     """The Hydra task: one job. In a search, the number the sweeper optimises (the job's
-    ``final/<optimized_metric>``); a failed trial raises :class:`sweep.TrialFailed`, which
+    ``final_<optimized_metric>``); a failed trial raises :class:`sweep.TrialFailed`, which
     the sweeper records as a FAILED trial before it goes on."""
     final = run_job(cfg)
     hydra_cfg = HydraConfig.get()

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,19 +249,18 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return error.code, json.loads(error.read())
 
 
-@pytest.fixture(scope="module")
-def server(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """``mlflow models serve`` of the binary model, on 127.0.0.1; stopped by its process
-    group (the CLI starts uvicorn in a child process) when the module is done."""
-    folder = tmp_path_factory.mktemp("served")
-    model = log_and_load("logistic", folder, mlflow_template)
+@contextmanager
+def serve(model_uri: str, tracking_uri: str, folder: Path) -> Iterator[str]:
+    """``mlflow models serve -m model_uri`` on 127.0.0.1 (its log in ``folder``), until /ping
+    answers; yields its base address, and stops it by its process group (the CLI starts
+    uvicorn in a child process) at the end."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     # the CLI starts `uvicorn` by name: the venv's, whether or not the venv is activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     log_file = (folder / "server.log").open("wb")
     command = [sys.executable, "-m", "mlflow", "models", "serve"]
-    command += ["-m", f"runs:/{model.run_id}/model", "--env-manager", "local", "--workers", "1"]
+    command += ["-m", model_uri, "--env-manager", "local", "--workers", "1"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(
         command,
@@ -284,10 +284,19 @@ def server(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                         break
             except OSError:
                 time.sleep(0.5)
-        yield model, f"{base}/invocations"
+        yield base
     finally:
         stop(process)
         log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``mlflow models serve`` of the binary model, on 127.0.0.1, for the module."""
+    folder = tmp_path_factory.mktemp("served")
+    model = log_and_load("logistic", folder, mlflow_template)
+    with serve(f"runs:/{model.run_id}/model", model.tracking_uri, folder) as base:
+        yield model, f"{base}/invocations"
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
