@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -315,7 +316,7 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
     run_id, exp_id = tracking.start_parent(client, experiment, name, tags)
     parent = ParentRef(run_id=run_id, experiment_id=exp_id)
     try:
-        hand_off(config, parent, swept=list(swept))
+        hand_off(config, parent, uri, list(swept))
         share_sweep_view(client, parent, list(swept), metric_key(metric),
                          metric_direction(metric) == "minimize")
     except Exception as error:
@@ -330,19 +331,34 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
     )
 
 
-def hand_off(config: DictConfig, parent: ParentRef, swept: Sequence[str] = ()) -> None:
+def hand_off(
+    config: DictConfig, parent: ParentRef, uri: str | None = None, swept: Sequence[str] = ()
+) -> None:
     """Put the parent's id into every job's config: Hydra composes each job's config from
     ``hydra.overrides.hydra`` and sets ``hydra.job.env_set`` while the job runs. The keys
-    the sweep varies, ``swept``, go along too: each job's run is named by them."""
+    the sweep varies, ``swept``, go along too: each job's run is named by them.
+
+    ``uri``, the sweep's store, goes along as ``MLFLOW_TRACKING_URI``: a job on a Ray worker
+    has the environment of the machine's ``ray start``, not the launching shell's, and
+    would otherwise write to another store than its parent's."""
     overrides = [
         f"+hydra.job.env_set.{PARENT_RUN_ENV}={parent.run_id}",
         f"+hydra.job.env_set.{PARENT_EXPERIMENT_ENV}={parent.experiment_id}",
     ]
-    if swept:  # quoted: a comma would make each job's override a sweep of its own
+    if uri is not None:
+        overrides.append(f"+hydra.job.env_set.MLFLOW_TRACKING_URI={quoted(uri)}")
+    if swept:
         keys = ",".join(key.lstrip("+~") for key in swept)
-        overrides.append(f"+hydra.job.env_set.{SWEEP_KEYS_ENV}='{keys}'")
+        overrides.append(f"+hydra.job.env_set.{SWEEP_KEYS_ENV}={quoted(keys)}")
     with read_write(config), open_dict(config):
         config.hydra.overrides.hydra.extend(overrides)
+
+
+def quoted(value: str) -> str:
+    """``value`` as a quoted Hydra override value (a URI may hold ``=``, ``,``, spaces):
+    its quotes escaped, the backslashes before a quote or at the end doubled."""
+    body = re.sub(r"(\\*)('|$)", lambda m: 2 * m[1] + ("\\'" if m[2] else ""), value)
+    return f"'{body}'"
 
 
 def _float(value: str | None) -> float | str:
