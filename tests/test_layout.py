@@ -47,7 +47,7 @@ def test_no_two_modules_import_each_other() -> None:
     def visit(name: str, trail: list[str]) -> None:
         for target in sorted(graph[name]):
             if target in trail:
-                cycles.append(trail[trail.index(target):] + [target])
+                cycles.append([*trail[trail.index(target) :], target])
             elif len(trail) < len(graph):
                 visit(target, [*trail, target])
 
