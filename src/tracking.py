@@ -104,6 +104,8 @@ def open_store(tracking_uri: str) -> MlflowClient:
         The store cannot be reached or opened: one line naming it and what to do.
     """
     use_short_http_retries()
+    # MLflow prints each run's address without the model-training view; ours carry it
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         with store_lock(tracking_uri):
             client = MlflowClient(tracking_uri)
