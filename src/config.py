@@ -54,6 +54,17 @@ SCHEMA: dict[str, str] = {
 # Keys that say where things live rather than what is trained: kept out of MLflow params
 # (absolute paths and store addresses differ between machines and may hold secrets).
 NOT_PARAMS = ("data.dir", "mlflow.tracking_uri", "mlflow.experiment_name")
+# Overrides kept out of the `overrides` tag for the same reason (and Hydra's own settings).
+NOT_IN_TAGS = ("data.dir", "mlflow.tracking_uri")
+
+
+def overrides_tag(overrides: Sequence[str]) -> str:
+    """The command-line overrides as the runs' ``overrides`` tag: without local paths, store
+    addresses (which may hold credentials) and Hydra's own settings."""
+    kept = [o for o in overrides
+            if o.lstrip("+~").partition("=")[0] not in NOT_IN_TAGS
+            and not o.lstrip("+~").startswith("hydra")]
+    return " ".join(kept) or "(none)"
 
 
 def _register_resolvers() -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src import artifacts, tracking
-from src.config import PROJECT_ROOT, Settings
+from src.config import PROJECT_ROOT, Settings, overrides_tag
 from src.data import N_PIXELS, PROCESSED_FILE, Splits, binary_task, limit_train, load_processed
 from src.errors import one_line
 from src.models import LogisticRegression, SoftmaxRegression
@@ -123,7 +123,7 @@ def source_name() -> str:
 def job_tags(settings: Settings, overrides: Sequence[str], experiment: str | None) -> dict:
     """Tags of a job's run known at once: the overrides, the task, the experiment, the source."""
     tags = {
-        "overrides": " ".join(overrides) or "(none)",
+        "overrides": overrides_tag(overrides),
         "task": settings.task,
         "mlflow.source.name": source_name(),
     }
@@ -188,11 +188,12 @@ def run_tracked(
         if line is not None:
             log.info("%s", line)
         buffer.add(result.final, result.best_step)
-        keep_files(folder, result, splits, settings, config_yaml, buffer, name, all_tags)
         end_tags = {}
         if result.history:  # lets the sweep parent plot the children's curves by epoch
             first = result.history[0]
             end_tags["steps_per_epoch"] = f"{first.step / first.epoch:.6g}"
+        keep_files(folder, result, splits, settings, config_yaml, buffer, name,
+                   {**all_tags, **end_tags}, parent)
         tracking.finish_job_run(client, buffer, folder, end_tags, "model", result.best_step)
     except KeyboardInterrupt:
         buffer.flush()  # the evaluations up to the stop are kept
@@ -218,6 +219,7 @@ def keep_files(
     buffer: tracking.MetricBuffer,
     name: str,
     tags: Mapping[str, str],
+    parent: tuple[str, str] | None = None,
 ) -> None:
     """Write the run's files into ``folder``: its artifacts, every metric, and the record
     that ``python -m src.upload`` needs to log them to a store later."""
@@ -232,5 +234,6 @@ def keep_files(
             "tags": dict(tags),
             "model_step": result.best_step,
             "run_id": buffer.run_id,  # the run the store lost, if it does
+            "parent": list(parent) if parent is not None else None,
         },
     )

@@ -23,15 +23,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from src import job, tracking
 from src.artifacts import write_atomic
 from src.config import PROJECT_ROOT, ConfigError, config_yaml, run_name, validate
 from src.data import DataError
-from src.errors import TrackingError, one_line
+from src.errors import TrackingError
+from src.train import error_line, raise_interrupt
 from src.training import DivergenceError, TrainResult
 
 # The default experiments: each one's overrides of conf/config.yaml.
@@ -109,20 +111,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="where metrics/ and plots/ go (default: reports/)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a TTY
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         run(args.overrides, args.reports)
-    except (ConfigError, DataError, DivergenceError, TrackingError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+    except (ConfigError, DataError, DivergenceError, TrackingError, HydraException,
+            OmegaConfBaseException) as error:
+        line, code = error_line(error)
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(code)
     except KeyboardInterrupt:
         print("error: interrupted; the active MLflow run ended KILLED", file=sys.stderr)
         sys.exit(130)
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (`dvc` stopped, `kill`) ends the run the same way Ctrl-C does
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from src.config import ConfigError, Settings, metric_direction, validate
+from src.config import ConfigError, Settings, metric_direction, overrides_tag, validate
 from src.data import PROCESSED_FILE, DataError
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def start_sweep(config: DictConfig, config_name: str | None) -> ActiveSweep:
     experiment, name = sweep_name(jobs, swept, search)
     tags = {
         "git_commit": tracking.git_commit(),
-        "overrides": " ".join(sweep_arguments(config)) or "(none)",
+        "overrides": overrides_tag(sweep_arguments(config)),
         "sweep": "parent",
     }
     run_id, exp_id = tracking.start_parent(client, experiment, name, tags)
@@ -537,6 +537,12 @@ def finish_parent(sweep: ActiveSweep, interrupted: bool = False) -> SweepSummary
             tracking.log_parent_summary(client, parent.run_id, out, params, metrics, tags)
             if best is not None and not interrupted:
                 registered = register_best(client, best, parent)
+    except Exception as error:
+        from src.errors import one_line
+
+        tracking.end_run(client, parent.run_id, tracking.FAILED,
+                         f"the sweep's summary failed: {one_line(error)}")
+        raise
     finally:
         if interrupted:
             tracking.end_run(client, parent.run_id, tracking.KILLED, "interrupted")

@@ -5,8 +5,8 @@ from the job's own process. A job's run is opened by :func:`start_job_run`, fed 
 :class:`MetricBuffer` (a training callback that sends the metrics in ``log_batch`` calls of
 1,000, and every few seconds so that ``mlflow ui`` shows a long run live), given its files
 and model by :func:`finish_job_run`, and closed by :func:`end_run`. A sweep's parent run is
-created, found (through the store, by its sweep id) and read back here too; what a sweep
-does with it is src/sweep.py's business.
+created, its children read back and its summary logged here too; what a sweep does with them
+is src/sweep.py's business.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ ERROR_TAG = "error"  # why a run FAILED or was KILLED
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value
 MAX_METRICS_PER_BATCH = 1000  # the most MLflow accepts in one log_batch call
 FLUSH_SECONDS = 5.0  # metrics wait at most this long, so that `mlflow ui` shows a run live
-SWEEP_TAG = "sweep_id"  # on a parent run: the id its jobs find it by
 # MLflow 3's UI opens an experiment with this tag in its model-training view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # A tracking server that is down or hung is found out in seconds, not after MLflow's default
@@ -289,13 +288,18 @@ def start_job_run(
     # MlflowClient.create_run, then start_run on it: the fluent start_run of a new run would
     # ask GitPython for the same commit (a third of a second to import it)
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.start_run(run_id=run.info.run_id)  # the active run, for log_model
     run_id = run.info.run_id
     try:
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.start_run(run_id=run_id)  # the active run, for log_model
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    except Exception as error:
-        end_run(client, run_id, FAILED, one_line(error))
+    except BaseException as error:  # Ctrl-C too: the run never stays RUNNING
+        if isinstance(error, KeyboardInterrupt):
+            end_run(client, run_id, KILLED, "interrupted")
+        else:
+            end_run(client, run_id, FAILED, one_line(error))
+        if not isinstance(error, Exception):
+            raise
         raise lost_store(client.tracking_uri, error) from error
     return run_id
 
@@ -431,8 +435,8 @@ def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = 
         log.warning("could not end the MLflow run %s: %s", run_id, one_line(lost))
     finally:
         if active is not None and active.info.run_id == run_id:
-            # the run has its status already: this only pops MLflow's active-run stack
-            # (set_terminated again on a store that is gone would raise once more)
+            # the run has its status already: MLflow ends it again with the same status and
+            # pops its active-run stack (on a store that is gone, that raises once more)
             try:
                 mlflow.end_run(status=status)
             except Exception as lost:
@@ -475,18 +479,6 @@ def start_parent(
     exp_id = experiment_id(client, experiment_name)
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     return run.info.run_id, exp_id
-
-
-def find_parent(client: MlflowClient, sweep_id: str) -> tuple[str, str] | None:
-    """The parent run tagged with ``sweep_id``, found through the store (for jobs that do
-    not share the sweep directory); None if there is none."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        experiments, filter_string=f"tags.{SWEEP_TAG} = '{sweep_id}'", max_results=1
-    )
-    if not runs:
-        return None
-    return runs[0].info.run_id, runs[0].info.experiment_id
 
 
 def children(client: MlflowClient, parent_id: str, experiment: str) -> list[Any]:

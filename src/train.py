@@ -14,6 +14,7 @@ the command exits non-zero at the end. Ctrl-C ends the active runs KILLED.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from src.config import (
     Settings,
     config_yaml,
     default_tracking_uri,
+    overrides_tag,
     run_name,
     unknown_key,
     validate,
@@ -163,7 +165,7 @@ def _record_refused(
     values = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
     params = {k: v for k, v in values.items() if k in SCHEMA and k not in NOT_PARAMS}
     name = " ".join(["refused", *(f"{k}={v}" for k, v in params.items())])
-    tags = {"overrides": " ".join(overrides) or "(none)"}
+    tags = {"overrides": overrides_tag(overrides)}
     client = tracking.open_store(uri)
     run_id = tracking.record_failed_job(
         client, "", name, tags, error, (parent.run_id, parent.experiment_id)
@@ -218,8 +220,8 @@ def hydra_error_line(error: Exception) -> str:
     return text
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> Any:
-    # SIGTERM (a scheduler, `kill`) ends the runs the same way Ctrl-C does
+def raise_interrupt(signum: int, frame: FrameType | None) -> Any:
+    """The SIGTERM handler: a scheduler's or `kill`'s stop ends the runs as Ctrl-C does."""
     raise KeyboardInterrupt
 
 
@@ -237,7 +239,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     # MLflow draws a download bar when it checks the logged model: noise in the log
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         hydra_main()
     except KeyboardInterrupt:
@@ -264,6 +266,8 @@ def main() -> None:
     if active is None:
         return
     if active.summary is None:  # Hydra turned the callback's error into a warning
+        with contextlib.suppress(Exception):  # the store may be what failed
+            sweep.close_active(interrupted=False)
         print(f"error: the sweep could not be finished: {active.error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     summary = active.summary

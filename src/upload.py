@@ -38,17 +38,26 @@ def upload(folder: Path, tracking_uri: str) -> str:
                 f"{folder} holds no kept run: {name} is missing (a job's output folder has "
                 f"{artifacts.ARTIFACTS_DIR}/, {artifacts.METRICS_FILE} and {artifacts.RUN_FILE})"
             )
-    record = artifacts.read_run_record(folder)
-    rows = artifacts.read_metrics(folder)
+    try:
+        record = artifacts.read_run_record(folder)
+        rows = artifacts.read_metrics(folder)
+        experiment, name = record["experiment_name"], record["run_name"]
+        tags, params, step = record["tags"], record["params"], int(record["model_step"])
+        parent = tuple(record["parent"]) if record.get("parent") else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise FileNotFoundError(
+            f"{folder}: its kept run cannot be read ({type(error).__name__}: {error})"
+        ) from None
     client = tracking.open_store(tracking_uri)
-    tags = {**record["tags"], "uploaded_from": folder.name}
-    run_id = tracking.start_job_run(
-        client, record["experiment_name"], record["run_name"], tags, record["params"]
-    )
+    tags = {**tags, "uploaded_from": folder.name}
+    run_id = tracking.start_job_run(client, experiment, name, tags, params, parent)
     buffer = tracking.MetricBuffer(client, run_id)
     buffer.rows = [Metric(key, value, timestamp, step) for key, value, timestamp, step in rows]
     try:
-        tracking.finish_job_run(client, buffer, folder, {}, "model", record["model_step"])
+        tracking.finish_job_run(client, buffer, folder, {}, "model", step)
+    except KeyboardInterrupt:
+        tracking.end_run(client, run_id, tracking.KILLED, "interrupted")
+        raise
     except TrackingError as error:
         tracking.end_run(client, run_id, tracking.FAILED, str(error))
         raise
@@ -65,13 +74,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="a job's output folder")
     args = parser.parse_args(argv)
     uri = default_tracking_uri()
-    for folder in args.folders:
+    failed = 0
+    for folder in args.folders:  # one bad folder does not stop the others
         try:
             run_id = upload(folder, uri)
         except (FileNotFoundError, TrackingError) as error:
             print(f"error: {one_line(error)}", file=sys.stderr)
-            sys.exit(1)
+            failed += 1
+            continue
         print(f"{folder}: logged as MLflow run {run_id} in {tracking.safe_uri(uri)}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

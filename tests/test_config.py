@@ -252,3 +252,12 @@ def test_another_sweeper_gets_its_fixed_overrides_checked() -> None:
         }
     )
     assert job_overrides(config) == [["epochs=2"]]
+
+
+def test_the_overrides_tag_holds_no_local_path_or_store_address() -> None:
+    from src.config import overrides_tag
+
+    given = ["lambda=0.1", "data.dir=/home/me/mnist", "mlflow.tracking_uri=http://u:p@h:5000",
+             "+hydra.job.env_set.X=1", "epochs=3"]
+    assert overrides_tag(given) == "lambda=0.1 epochs=3"
+    assert overrides_tag(["data.dir=/x"]) == "(none)"

@@ -5,6 +5,9 @@ data stages import none of the learning code."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,18 @@ def test_the_numerics_import_no_tracking_config_or_plotting(module: str) -> None
 def test_the_data_stages_import_no_learning_code() -> None:
     for path in (PROJECT_ROOT / "pipeline").glob("*.py"):
         assert not any(name.startswith("src") for name in imports(path)), path.name
+
+
+def test_usage_statistics_stay_off_unless_the_user_turns_them_on() -> None:
+    script = "import os, src.train; print(os.environ['MLFLOW_DISABLE_TELEMETRY'], " \
+             "os.environ['RAY_USAGE_STATS_ENABLED'])"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED")}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["true", "0"]
+    env["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["false", "0"]

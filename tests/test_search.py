@@ -104,7 +104,7 @@ def test_a_search_nests_its_trials_under_one_parent_that_holds_the_best(
     assert parent.data.tags["registered_model"] == f"{TASK}/1"
 
 
-def test_the_search_optimises_the_configured_metric_in_its_direction(
+def test_the_configured_metric_sets_the_direction_and_the_best_job(
     tiny_data: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
     for metric, direction in (("val_loss", "minimize"), ("val_accuracy", "maximize")):

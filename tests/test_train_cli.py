@@ -12,6 +12,7 @@ import hashlib
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def test_single_run_logs_params_metrics_artifacts_and_a_servable_model(
     assert tags["data_hash"] == hashlib.sha256((tiny_data / "mnist.npz").read_bytes()).hexdigest()
     assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
     assert "epochs=3" in tags["overrides"] and "error" not in tags
+    # no local path and no store address in any tag either
+    assert not any(str(tiny_data) in value or "sqlite" in value for value in tags.values())
     assert tags["mlflow.source.name"] == "src/train.py"  # no absolute local path
 
     # 4 steps per epoch, evaluated twice per epoch (steps 2 and 4), for 3 epochs
@@ -457,3 +460,16 @@ def test_a_sweep_on_unreadable_data_records_every_job_failed(
     assert len(runs) == 3 and len(children) == 2
     assert {r.info.status for r in runs} == {"FAILED"}
     assert all("dvc repro" in c.data.tags["error"] for c in children)
+
+
+def test_the_dvc_stage_turns_a_typo_into_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "src.stage", f"data.dir={tiny_data}", "lamda=0.1",
+         "--reports", str(tmp_path / "reports")],
+        cwd=tmp_path, env=train_env(f"sqlite:///{tmp_path / 'm.db'}"),
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown key 'lamda'; did you mean 'lambda'?"
+    ], done.stderr
