@@ -39,6 +39,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.tracking_overhead
 	$(BIN)/python -m benchmarks.end_to_end
 	$(BIN)/python -m benchmarks.store_cost
+	$(BIN)/python -m benchmarks.search
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache
