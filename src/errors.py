@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+
 
 def one_line(error: BaseException) -> str:
     """An exception as one line: its message with white space folded, or its type's name
@@ -13,3 +16,30 @@ def one_line(error: BaseException) -> str:
 class TrackingError(RuntimeError):
     """The MLflow store cannot be reached, or refused or lost part of a run; the message is
     one line that names the store and what to do."""
+
+
+_SIGNALS: list[int] = []  # the stop signals this process has received
+
+
+def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """The handler of Ctrl-C (SIGINT) and SIGTERM (a scheduler, `kill`): raises
+    KeyboardInterrupt, so that every active run ends KILLED, and remembers the signal.
+
+    Python drops an exception raised while a finalizer runs ("Exception ignored in ..."),
+    and a signal can land in one (SQLAlchemy cleans its objects up that way):
+    :func:`check_interrupt` raises it again.
+    """
+    _SIGNALS.append(signum)
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a stop signal came, even one a finalizer swallowed."""
+    if _SIGNALS:
+        raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Install :func:`raise_interrupt` for SIGINT and SIGTERM (in the main thread)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, raise_interrupt)

@@ -19,7 +19,7 @@ from pathlib import Path
 from src import artifacts, tracking
 from src.config import PROJECT_ROOT, Settings, overrides_tag
 from src.data import N_PIXELS, PROCESSED_FILE, Splits, binary_task, limit_train, load_processed
-from src.errors import one_line
+from src.errors import check_interrupt, one_line
 from src.models import LogisticRegression, SoftmaxRegression
 from src.training import Callback, Evaluation, TrainResult, train
 
@@ -58,6 +58,13 @@ def build_model(settings: Settings) -> LogisticRegression | SoftmaxRegression:
     if settings.model == "logistic":
         return LogisticRegression(n_features=N_PIXELS)
     return SoftmaxRegression(n_features=N_PIXELS, n_classes=10)
+
+
+class InterruptCheck(Callback):
+    """Raises, at the next evaluation, a Ctrl-C or SIGTERM that a finalizer swallowed."""
+
+    def on_evaluation(self, evaluation: Evaluation) -> None:
+        check_interrupt()
 
 
 class Progress(Callback):
@@ -171,6 +178,7 @@ def run_tracked(
         The store cannot be reached (before any training) or failed during the run (the
         message then names ``folder``, which holds the run's results).
     """
+    check_interrupt()  # one that landed in the previous job's cleanup
     client = tracking.open_store(settings.tracking_uri)
     all_tags = {
         **tags,
@@ -183,7 +191,8 @@ def run_tracked(
     buffer = tracking.MetricBuffer(client, run_id)
     log.info("training %s (%d training images; MLflow run %s)", name, len(splits.train), run_id)
     try:
-        result = train(build_model(settings), splits, settings.train, [buffer, *callbacks])
+        watchers = [buffer, InterruptCheck(), *callbacks]
+        result = train(build_model(settings), splits, settings.train, watchers)
         line = stop_line(result, settings.train.patience)
         if line is not None:
             log.info("%s", line)

@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -32,8 +31,8 @@ from src import job, tracking
 from src.artifacts import write_atomic
 from src.config import PROJECT_ROOT, ConfigError, config_yaml, run_name, validate
 from src.data import DataError
-from src.errors import TrackingError
-from src.train import error_line, raise_interrupt
+from src.errors import TrackingError, check_interrupt, stop_on_signals
+from src.train import error_line
 from src.training import DivergenceError, TrainResult
 
 # The default experiments: each one's overrides of conf/config.yaml.
@@ -111,9 +110,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="where metrics/ and plots/ go (default: reports/)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log, not a TTY
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    stop_on_signals()
     try:
         run(args.overrides, args.reports)
+        check_interrupt()  # a stop signal that a finalizer swallowed at the very end
     except (ConfigError, DataError, DivergenceError, TrackingError, HydraException,
             OmegaConfBaseException) as error:
         line, code = error_line(error)

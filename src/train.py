@@ -17,12 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -45,7 +42,7 @@ from src.config import (
     validate,
 )
 from src.data import DataError
-from src.errors import TrackingError, one_line
+from src.errors import TrackingError, check_interrupt, one_line, stop_on_signals
 from src.training import DivergenceError
 
 log = logging.getLogger("src.train")
@@ -220,11 +217,6 @@ def hydra_error_line(error: Exception) -> str:
     return text
 
 
-def raise_interrupt(signum: int, frame: FrameType | None) -> Any:
-    """The SIGTERM handler: a scheduler's or `kill`'s stop ends the runs as Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 def error_line(error: BaseException) -> tuple[str, int]:
     """The one line and the exit code for an error a user can cause."""
     if isinstance(error, (HydraException, OmegaConfBaseException)):
@@ -239,9 +231,10 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     # MLflow draws a download bar when it checks the logged model: noise in the log
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    stop_on_signals()
     try:
         hydra_main()
+        check_interrupt()  # a stop signal that a finalizer swallowed at the very end
     except KeyboardInterrupt:
         sweep.close_active(interrupted=True)
         print("error: interrupted; the active MLflow runs ended KILLED", file=sys.stderr)

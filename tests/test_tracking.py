@@ -431,3 +431,25 @@ def test_a_finished_job_keeps_every_file_and_logs_them(
     for key, value, _, step in rows:
         stored = {m.step: m.value for m in client.get_metric_history(done.run_id, key)}
         assert stored[step] == pytest.approx(value)
+
+
+def test_a_stop_signal_that_a_finalizer_swallowed_still_ends_the_run_killed(
+    tiny_data: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the signal is remembered
+    and raised again at the next evaluation."""
+    from src import errors
+
+    class Swallowed(Callback):  # as if SIGTERM's KeyboardInterrupt was lost in a __del__
+        def on_evaluation(self, evaluation: Evaluation) -> None:
+            if evaluation.step == 2 * 4:
+                monkeypatch.setattr(errors, "_SIGNALS", [15])
+
+    settings = job_settings(tiny_data, "epochs=50", "early_stopping.enabled=false")
+    with pytest.raises(KeyboardInterrupt):
+        job.run_tracked(settings, job.load_splits(settings), "swallowed", {}, "a: 1\n",
+                        tmp_path / "job", callbacks=[Swallowed()])
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("logistic-2v3").experiment_id])
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) < 50
