@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 
@@ -19,6 +21,7 @@ class TrackingError(RuntimeError):
 
 
 _SIGNALS: list[int] = []  # the stop signals this process has received
+_WRITING = [0]  # store writes under way (whole_writes)
 
 
 def raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -27,10 +30,27 @@ def raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
     Python drops an exception raised while a finalizer runs ("Exception ignored in ..."),
     and a signal can land in one (SQLAlchemy cleans its objects up that way):
-    :func:`check_interrupt` raises it again.
+    :func:`check_interrupt` raises it again. During a store write (:func:`whole_writes`)
+    it is raised when the write is done.
     """
     _SIGNALS.append(signum)
-    raise KeyboardInterrupt
+    if not _WRITING[0]:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def whole_writes() -> Iterator[None]:
+    """A store write that Ctrl-C or SIGTERM does not cut: an interrupt in the middle of a
+    SQLite transaction left the database locked for the process's own cleanup (the run then
+    could not be ended KILLED). A signal that comes meanwhile is raised at the end."""
+    before = len(_SIGNALS)
+    _WRITING[0] += 1
+    try:
+        yield
+    finally:
+        _WRITING[0] -= 1
+    if len(_SIGNALS) > before and not _WRITING[0]:
+        raise KeyboardInterrupt
 
 
 def check_interrupt() -> None:

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from src.artifacts import ARTIFACTS_DIR, WEIGHTS_FILE
 from src.config import PROJECT_ROOT
 from src.data import PROCESSED_FILE, data_hash
-from src.errors import TrackingError, one_line
+from src.errors import TrackingError, one_line, whole_writes
 from src.training import Callback, Evaluation, StopTraining
 
 log = logging.getLogger(__name__)
@@ -287,12 +287,14 @@ def start_job_run(
         all_tags["mlflow.parentRunId"] = parent[0]
     # MlflowClient.create_run, then start_run on it: the fluent start_run of a new run would
     # ask GitPython for the same commit (a third of a second to import it)
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    with whole_writes():
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     try:
-        mlflow.set_tracking_uri(client.tracking_uri)
-        mlflow.start_run(run_id=run_id)  # the active run, for log_model
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        with whole_writes():
+            mlflow.set_tracking_uri(client.tracking_uri)
+            mlflow.start_run(run_id=run_id)  # the active run, for log_model
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     except BaseException as error:  # Ctrl-C too: the run never stays RUNNING
         if isinstance(error, KeyboardInterrupt):
             end_run(client, run_id, KILLED, "interrupted")
@@ -354,7 +356,8 @@ class MetricBuffer(Callback):
         while self.error is None and len(self.rows) - self.sent >= least:
             batch = self.rows[self.sent : self.sent + MAX_METRICS_PER_BATCH]
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
+                with whole_writes():
+                    self.client.log_batch(self.run_id, metrics=batch)
             except Exception as error:
                 self.error = lost_store(self.client.tracking_uri, error)
                 return
@@ -406,8 +409,9 @@ def finish_job_run(
     if buffer.error is not None:  # the store failed during the training
         raise buffer.error
     try:
-        client.log_batch(buffer.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        client.log_artifacts(buffer.run_id, str(folder / ARTIFACTS_DIR))
+        with whole_writes():
+            client.log_batch(buffer.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            client.log_artifacts(buffer.run_id, str(folder / ARTIFACTS_DIR))
         # Logged before the waiting metrics: MLflow links the model to the metrics of its
         # step that the store holds by reading back every metric history of the run; the
         # ones still waiting here are linked by the buffer as they are sent.
@@ -425,6 +429,11 @@ def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = 
     """End a run with ``status`` (FINISHED, FAILED, KILLED), ``error`` as its ``error`` tag;
     a run that has already ended is left alone. Ends MLflow's active run if it is this one.
     A store that fails here is reported in the log, not raised: the caller's error wins."""
+    with whole_writes():
+        _end_run(client, run_id, status, error)
+
+
+def _end_run(client: MlflowClient, run_id: str, status: str, error: str | None) -> None:
     active = mlflow.active_run()
     try:
         if client.get_run(run_id).info.status == RUNNING:

@@ -453,3 +453,19 @@ def test_a_stop_signal_that_a_finalizer_swallowed_still_ends_the_run_killed(
     (run,) = client.search_runs([client.get_experiment_by_name("logistic-2v3").experiment_id])
     assert run.info.status == "KILLED"
     assert len(client.get_metric_history(run.info.run_id, "val/loss")) < 50
+
+
+def test_a_stop_signal_during_a_store_write_is_raised_when_the_write_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from src import errors
+
+    monkeypatch.setattr(errors, "_SIGNALS", [])
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with errors.whole_writes():
+            errors.raise_interrupt(15, None)  # the handler, as SIGTERM calls it mid-write
+            done.append("the rest of the write")
+    assert done == ["the rest of the write"]
+    with pytest.raises(KeyboardInterrupt):
+        errors.raise_interrupt(2, None)  # outside a write: at once
