@@ -19,6 +19,7 @@ import numpy as np
 PROCESSED_FILE = "mnist.npz"
 IMAGE_SIDE = 28  # MNIST images are 28 x 28
 N_PIXELS = IMAGE_SIDE * IMAGE_SIDE  # 784 values in a row of pixels
+MAX_PIXEL = 255  # pixel values are 0..255 in the files, 0..1 for the models
 N_CLASSES = 10
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -66,6 +67,11 @@ class Splits:
     test: Dataset
 
 
+def scale_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Pixel values 0..255 as the models see them: float32 in [0, 1], in one pass."""
+    return np.divide(pixels, np.float32(MAX_PIXEL), dtype=np.float32)
+
+
 def _read_split(
     archive: np.lib.npyio.NpzFile, path: Path, split: str, digits: Sequence[int] | None = None
 ) -> Dataset:
@@ -97,7 +103,7 @@ def _read_split(
         images, labels = images[keep], labels[keep]
     # Divide once here (one pass, straight into float32) so training never converts again.
     return Dataset(
-        images=np.divide(images, np.float32(255), dtype=np.float32),
+        images=scale_pixels(images),
         labels=labels.astype(np.int64),
     )
 

@@ -35,14 +35,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from src.data import N_PIXELS
+from src.data import MAX_PIXEL, N_PIXELS, scale_pixels
 from src.models import LogisticRegression, SoftmaxRegression
 
 OUTPUT_PARAM = "output"  # the predict parameter that chooses what predict returns
 DIGITS = "digits"  # one digit per row (the default)
 PROBABILITIES = "probabilities"  # one probability per digit the model knows, per row
 OUTPUTS = (DIGITS, PROBABILITIES)
-MAX_PIXEL = 255
 
 
 class InvalidInput(MlflowException, ValueError):
@@ -198,7 +197,7 @@ class DigitClassifier(PythonModel):
                 f"params {OUTPUT_PARAM!r} must be {DIGITS!r} or {PROBABILITIES!r}, got {output!r}"
             )
         # the model was trained on pixels scaled to [0, 1] in float32 (src.data)
-        scaled = np.divide(pixel_rows(model_input), np.float32(MAX_PIXEL), dtype=np.float32)
+        scaled = scale_pixels(pixel_rows(model_input))
         if output == DIGITS:
             return self.labels[self.model.predict(scaled)]
         return self.probabilities(scaled)

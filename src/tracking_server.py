@@ -93,14 +93,6 @@ class ServerInfo:
     def artifacts(self) -> Path:
         return self.folder / "artifacts"
 
-    @property
-    def mlflow_log(self) -> Path:
-        return self.folder / "mlflow.log"
-
-    @property
-    def postgres_log(self) -> Path:
-        return self.folder / "postgres.log"
-
 
 # ---------------------------------------------------------------- the public functions
 
